@@ -1,0 +1,175 @@
+//! `aoe`: write, plan and analyse Assembly-of-Experts children.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use aoe::cli::{byte_progress, parse_size, RecipeArgs};
+use aoe::models::Models;
+use aoe::synth::{Child, Engine};
+use aoe::write::{check_output, write_child, WriteOptions};
+use aoe::Result;
+
+/// Assembly of Experts: build child models from fine-tuned siblings of one architecture,
+/// tensor by tensor, exact to the bit.
+#[derive(Parser)]
+#[command(name = "aoe", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write the whole child checkpoint directory to OUT.
+    ///
+    /// Shards keep the base's headers byte for byte; every other base file is copied; the
+    /// recipe is recorded in OUT/aoe_recipe.json. Files are written under temporary names and
+    /// renamed when complete. OUT must not be a parent, lie inside one, or be non-empty.
+    Write {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Output directory.
+        out: PathBuf,
+        /// Replace the child's files in a non-empty OUT.
+        #[arg(long)]
+        force: bool,
+        /// Worker threads [default: all cores].
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Memory budget for computed data (e.g. 512M, 1G).
+        #[arg(long, default_value = "512M", value_parser = parse_size)]
+        memory: usize,
+        /// Chunk size in output bytes (for testing; default derived from --memory).
+        #[arg(long, hide = true, value_parser = parse_size)]
+        chunk_size: Option<usize>,
+        /// Where δ statistics are remembered [default: $XDG_CACHE_HOME/aoe].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Say what a recipe will do: per tensor group, tensors and bytes taken from the base,
+    /// taken from a donor verbatim, or mixed.
+    ///
+    /// Deciding δ needs each selected tensor's normalized difference: remembered ones (from
+    /// `aoe diff` or earlier runs) are used, the rest are computed.
+    Plan {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Worker threads [default: all cores].
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where δ statistics are remembered [default: $XDG_CACHE_HOME/aoe].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Write a small generated model family (for tests, demos and benchmarks).
+    #[command(hide = true)]
+    Fixture {
+        /// Output directory; siblings go to OUT/m1, OUT/m2, ...
+        out: PathBuf,
+        /// tiny, demo, or a size per parent such as 4G.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// fp8 or bf16.
+        #[arg(long, default_value = "fp8")]
+        dtype: String,
+        /// Number of siblings.
+        #[arg(long, default_value_t = 2)]
+        siblings: usize,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Also write a BF16 copy of m1 to OUT/m1-bf16.
+        #[arg(long)]
+        bf16_copy: bool,
+        /// Write the full-size DeepSeek-V3 skeleton (sparse files) instead.
+        #[arg(long)]
+        skeleton: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aoe: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn threads_or_cores(t: Option<usize>) -> usize {
+    t.filter(|&t| t > 0).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn stats_dir(d: Option<PathBuf>) -> Option<PathBuf> {
+    d.or_else(aoe::stats::default_cache_dir)
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Write { recipe, out, force, threads, memory, chunk_size, cache_dir } => {
+            let recipe = recipe.resolve()?;
+            let mut all = vec![recipe.base.clone()];
+            all.extend(recipe.parents.iter().cloned());
+            check_output(&out, &all, force)?;
+            let threads = threads_or_cores(threads);
+            // Per thread: the f32 accumulator (4 bytes per element) plus the output chunk.
+            let chunk = chunk_size.unwrap_or_else(|| (memory / (threads * 6)).clamp(64 << 10, 16 << 20));
+            let models = Models::open(&recipe.base, &recipe.parents)?;
+            let engine = Engine::new(models, stats_dir(cache_dir).as_deref(), 0, chunk);
+            let child = Child::new(Arc::new(engine), recipe)?;
+            let total: u64 = child.files.iter().map(|f| f.size).sum();
+            let pb = byte_progress(total, "writing");
+            let _ = PB.set(pb.clone());
+            let opts = WriteOptions { threads, force, progress: Some(progress) };
+            let t = std::time::Instant::now();
+            let report = write_child(&child, &out, &opts)?;
+            pb.finish_and_clear();
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!(
+                "aoe: wrote {} files, {:.2} GB ({:.2} GB computed) to {} in {:.1} s ({:.2} GB/s)",
+                report.files,
+                report.bytes as f64 / 1e9,
+                report.computed as f64 / 1e9,
+                out.display(),
+                secs,
+                report.bytes as f64 / 1e9 / secs.max(1e-9)
+            );
+            Ok(())
+        }
+        Cmd::Plan { recipe, json, threads, cache_dir } => {
+            let recipe = recipe.resolve()?;
+            let models = Models::open(&recipe.base, &recipe.parents)?;
+            let engine = Engine::new(models, stats_dir(cache_dir).as_deref(), 0, 1 << 20);
+            let child = Child::new(Arc::new(engine), recipe)?;
+            let report = aoe::report::plan_report(&child, threads_or_cores(threads))?;
+            child.engine.stats.flush()?;
+            let text = if json { report.to_json() } else { report.to_table() };
+            print!("{text}");
+            Ok(())
+        }
+        Cmd::Fixture { out, preset, dtype, siblings, seed, bf16_copy, skeleton } => {
+            fixture(&out, &preset, &dtype, siblings, seed, bf16_copy, skeleton)
+        }
+    }
+}
+
+static PB: std::sync::OnceLock<indicatif::ProgressBar> = std::sync::OnceLock::new();
+
+fn progress(done: u64, _total: u64) {
+    if let Some(pb) = PB.get() {
+        pb.set_position(done);
+    }
+}
+
+fn fixture(out: &std::path::Path, preset: &str, dtype: &str, siblings: usize, seed: u64, bf16_copy: bool, skeleton: bool) -> Result<()> {
+    let _ = (out, preset, dtype, siblings, seed, bf16_copy, skeleton);
+    Err(aoe::Error::BadRecipe { reason: "fixture generator not built yet".into() })
+}

@@ -1,0 +1,268 @@
+//! A byte-budgeted LRU of computed chunks with single-flight: one computation per chunk
+//! however many readers wait, and an error reaches every waiter. Evicted buffers are pooled.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use lru::LruCache;
+
+use crate::error::{Error, Result};
+
+/// Identifies a chunk: which child, which unit, which chunk of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkKey {
+    /// The child (variant) it belongs to.
+    pub variant: u32,
+    /// Unit index in the child's plan.
+    pub unit: u32,
+    /// Chunk index within the unit.
+    pub chunk: u32,
+}
+
+/// The computed bytes of one chunk: the weight's bytes and, for FP8, its block scales.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// Weight bytes of the chunk's element range, in the base's dtype.
+    pub data: Vec<u8>,
+    /// Little-endian f32 block scales of the chunk's block rows (FP8 only).
+    pub scales: Vec<u8>,
+}
+
+impl Chunk {
+    fn bytes(&self) -> usize {
+        self.data.capacity() + self.scales.capacity()
+    }
+}
+
+type Flight = Arc<(Mutex<Option<Result<Arc<Chunk>, Arc<Error>>>>, Condvar)>;
+
+struct Inner {
+    lru: LruCache<ChunkKey, Arc<Chunk>>,
+    bytes: usize,
+    inflight: HashMap<ChunkKey, Flight>,
+    pool: Vec<Vec<u8>>,
+    pool_bytes: usize,
+}
+
+/// Counters for status reports.
+#[derive(Default, Debug)]
+pub struct CacheCounters {
+    /// Lookups answered from the cache (or by waiting on another reader's computation).
+    pub hits: AtomicU64,
+    /// Lookups that computed.
+    pub misses: AtomicU64,
+    /// Bytes computed.
+    pub computed_bytes: AtomicU64,
+    /// Nanoseconds spent computing.
+    pub compute_ns: AtomicU64,
+    /// Computations that failed.
+    pub errors: AtomicU64,
+}
+
+/// The chunk cache.
+pub struct ChunkCache {
+    inner: Mutex<Inner>,
+    budget: usize,
+    /// Counters.
+    pub counters: CacheCounters,
+}
+
+impl ChunkCache {
+    /// A cache holding at most `budget` bytes of chunks (a chunk larger than the budget is
+    /// handed out but not kept).
+    pub fn new(budget: usize) -> ChunkCache {
+        ChunkCache {
+            inner: Mutex::new(Inner {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+                inflight: HashMap::new(),
+                pool: Vec::new(),
+                pool_bytes: 0,
+            }),
+            budget,
+            counters: CacheCounters::default(),
+        }
+    }
+
+    /// The byte budget.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Bytes of idle buffers kept for reuse: fresh memory is slow to touch on these VMs.
+    fn pool_limit(&self) -> usize {
+        self.budget / 8 + (64 << 20)
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.lock().bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `key` is cached or being computed.
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        let g = self.lock();
+        g.lru.contains(key) || g.inflight.contains_key(key)
+    }
+
+    /// A buffer of at least `cap` bytes' capacity, from the pool when one fits.
+    pub fn take_buffer(&self, cap: usize) -> Vec<u8> {
+        let mut g = self.lock();
+        if let Some(i) = g.pool.iter().position(|b| b.capacity() >= cap) {
+            let mut b = g.pool.swap_remove(i);
+            g.pool_bytes -= b.capacity();
+            b.clear();
+            return b;
+        }
+        drop(g);
+        Vec::with_capacity(cap)
+    }
+
+    /// Returns a buffer to the pool (kept while the pool stays within its limit).
+    pub fn give_buffer(&self, b: Vec<u8>) {
+        let mut g = self.lock();
+        give(&mut g, b, self.pool_limit());
+    }
+
+    /// The chunk for `key`: from the cache, by waiting for another reader's computation, or by
+    /// running `compute` (once, whoever asks meanwhile).
+    pub fn get_or_compute(&self, key: ChunkKey, compute: impl FnOnce() -> Result<Chunk>) -> Result<Arc<Chunk>> {
+        let flight = {
+            let mut g = self.lock();
+            if let Some(c) = g.lru.get(&key) {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(c.clone());
+            }
+            if let Some(f) = g.inflight.get(&key) {
+                let f = f.clone();
+                drop(g);
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                return wait(&f);
+            }
+            let f: Flight = Arc::new((Mutex::new(None), Condvar::new()));
+            g.inflight.insert(key, f.clone());
+            f
+        };
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let result = compute().map(Arc::new).map_err(Arc::new);
+        self.counters.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        {
+            let mut g = self.lock();
+            g.inflight.remove(&key);
+            match &result {
+                Ok(c) => {
+                    self.counters.computed_bytes.fetch_add((c.data.len() + c.scales.len()) as u64, Ordering::Relaxed);
+                    let n = c.bytes();
+                    if n <= self.budget {
+                        g.bytes += n;
+                        g.lru.put(key, c.clone());
+                        while g.bytes > self.budget {
+                            let Some((_, old)) = g.lru.pop_lru() else { break };
+                            g.bytes -= old.bytes();
+                            if let Ok(old) = Arc::try_unwrap(old) {
+                                let cap = self.pool_limit();
+                                give(&mut g, old.data, cap);
+                                give(&mut g, old.scales, cap);
+                            }
+                        }
+                    }
+                }
+                Err(_) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let (m, cv) = &*flight;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());
+        cv.notify_all();
+        result.map_err(Error::Shared)
+    }
+}
+
+fn give(g: &mut Inner, b: Vec<u8>, cap: usize) {
+    if b.capacity() > 0 && g.pool_bytes + b.capacity() <= cap {
+        g.pool_bytes += b.capacity();
+        g.pool.push(b);
+    }
+}
+
+fn wait(f: &Flight) -> Result<Arc<Chunk>> {
+    let (m, cv) = &**f;
+    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if let Some(r) = g.as_ref() {
+            return r.clone().map_err(Error::Shared);
+        }
+        g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn key(c: u32) -> ChunkKey {
+        ChunkKey { variant: 0, unit: 0, chunk: c }
+    }
+
+    #[test]
+    fn evicts_least_recently_used_within_budget() {
+        let cache = ChunkCache::new(3000);
+        for c in 0..5 {
+            cache.get_or_compute(key(c), || Ok(Chunk { data: vec![c as u8; 1000], scales: vec![] })).unwrap();
+            assert!(cache.held() <= 3000);
+        }
+        assert!(!cache.contains(&key(0)));
+        assert!(cache.contains(&key(4)));
+        // A chunk bigger than the budget is returned but not kept.
+        let big = cache.get_or_compute(key(9), || Ok(Chunk { data: vec![1; 5000], scales: vec![] })).unwrap();
+        assert_eq!(big.data.len(), 5000);
+        assert!(!cache.contains(&key(9)));
+    }
+
+    #[test]
+    fn one_computation_per_chunk_and_errors_reach_every_waiter() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, runs) = (cache.clone(), runs.clone());
+                std::thread::spawn(move || {
+                    cache.get_or_compute(key(1), || {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        Ok(Chunk { data: vec![7; 10], scales: vec![] })
+                    })
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap().unwrap().data, vec![7; 10]);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    cache.get_or_compute(key(2), || {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        Err(Error::BadRecipe { reason: "boom".into() })
+                    })
+                })
+            })
+            .collect();
+        for t in threads {
+            let e = t.join().unwrap().unwrap_err();
+            assert!(e.to_string().contains("boom"), "{e}");
+        }
+        assert!(!cache.contains(&key(2)), "errors are not cached");
+    }
+}

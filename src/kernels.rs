@@ -1,0 +1,2130 @@
+//! Numeric kernels of child synthesis: BF16/F16/F32/FP8-E4M3FN ⇄ f32 codecs, FP8 block
+//! (de)quantization, the weighted mix and the difference statistic.
+//!
+//! Every kernel has a plain scalar reference in [`scalar`] and a fast path at module top level;
+//! the two agree to the bit (the tests check it on all 8- and 16-bit codes, edge values and
+//! random bit patterns, on every SIMD level the machine has).
+//!
+//! # Exact semantics (DESIGN.md §4; they match numpy + ml_dtypes)
+//!
+//! * FP8 E4M3FN decode is exact (subnormals `m × 2^-9`, `0x7f`/`0xff` → quiet NaN with the code's
+//!   sign, `0x80` → −0.0). Encode rounds to nearest even on the exact f32 value (into subnormals
+//!   too); magnitudes that round above 448 (everything above 464; 464 itself ties to 448), ±inf
+//!   and NaN become NaN keeping the sign: `0x7f` / `0xff`.
+//! * BF16: decode `bits << 16`; encode round-to-nearest-even, overflow rounds to ±inf, subnormals
+//!   kept, NaN → `0x7fc0` / `0xffc0` (sign kept, payload dropped).
+//! * F16 (numpy): decode exact, NaN payload kept; encode round-to-nearest-even, subnormals kept,
+//!   overflow → ±inf, NaN → `sign | 0x7c00 | (mantissa >> 13)`, or `| 1` if that is zero.
+//! * F32: little-endian bytes as they are.
+//! * Arithmetic: one f32 multiply per product, one f32 add per sum, in the documented operand
+//!   order, never a fused multiply-add (Rust does not contract `a * b + c`; no kernel uses
+//!   `mul_add` or FMA intrinsics).
+//!
+//! All byte slices are read and written as little-endian, element by element: they may be
+//! unaligned (mmaps of untrusted files), nothing is ever cast to `&[f32]`/`&[u16]`.
+//!
+//! # NaN and order
+//!
+//! * FP8 block `amax` is the largest `|x|` bit pattern of the block (`bits & 0x7fff_ffff`), so any
+//!   NaN makes the amax NaN (np.max semantics); if a block holds several NaNs the amax is the one
+//!   with the largest payload. `scale = amax / 448` (then NaN too), `scale = 1` where amax == 0.
+//! * NaN signs and payloads through `+`, `*`, `/` are whatever the hardware does with the single
+//!   NaN operand (x86 and ARM both return it quieted); the encoders then apply the rules above.
+//! * [`sum_sq_diff`] sums `d*d` (d = a−b in f64) into 8 f64 lanes by *global* element index mod
+//!   8, combined as `((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))`, on every machine and SIMD level;
+//!   [`SqDiffAcc`] keeps that order across chunks of any size.
+//!
+//! # Dispatch
+//!
+//! The fast paths are safe portable Rust written for LLVM's auto-vectorizer (fixed 16-wide
+//! chunks, branchless selects). On x86_64 the same code is also compiled with AVX2 and with
+//! AVX-512 (F+BW+VL) enabled, chosen once at run time with `is_x86_feature_detected!`. The
+//! environment variable `AOE_KERNELS=portable|avx2|avx512` caps the level (for testing the
+//! fallbacks); results are identical on every level.
+
+#![allow(clippy::needless_range_loop)]
+
+use crate::dtype::DType;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Side of the square FP8 scaling blocks (DeepSeek `weight_block_size: [128, 128]`).
+pub const FP8_BLOCK: usize = 128;
+/// Largest finite FP8 E4M3FN value.
+pub const FP8_MAX: f32 = 448.0;
+
+// ---------------------------------------------------------------------------------------------
+// Element conversions (branchless: the same code runs in every SIMD lane)
+// ---------------------------------------------------------------------------------------------
+
+/// FP8 E4M3FN code → f32 (exact; `0x7f`/`0xff` → quiet NaN with sign).
+#[inline(always)]
+pub fn fp8_to_f32(code: u8) -> f32 {
+    let c = code as u32;
+    let mag = c & 0x7f;
+    // Normal codes: move exponent+mantissa into place and rebias (7 → 127).
+    let normal = (mag << 20) + 0x3c00_0000;
+    // Subnormal codes (mag < 8): m × 2^-9, an exact int→float conversion and power-of-two scale.
+    let sub = ((mag as i32) as f32 * (1.0 / 512.0)).to_bits();
+    let v = if mag == 0x7f {
+        0x7fc0_0000
+    } else if mag < 8 {
+        sub
+    } else {
+        normal
+    };
+    f32::from_bits(v | ((c & 0x80) << 24))
+}
+
+/// f32 → FP8 E4M3FN, round-to-nearest-even; |x| > 464, ±inf, NaN → NaN (`0x7f`/`0xff`).
+#[inline(always)]
+pub fn f32_to_fp8(x: f32) -> u8 {
+    let b = x.to_bits();
+    let a = b & 0x7fff_ffff;
+    // Normal results (|x| >= 2^-6): round the mantissa to 3 bits, nearest even, then rebias.
+    let normal = (a.wrapping_add(0x7_ffff + ((a >> 20) & 1)) >> 20).wrapping_sub(0x3c0);
+    // Subnormal results: adding 2^14 makes the FPU round |x| to a multiple of 2^-9 (RNE);
+    // the low mantissa bits are then the count of 2^-9 (8 = the smallest normal, correct).
+    let sub = (f32::from_bits(a) + 16384.0)
+        .to_bits()
+        .wrapping_sub(0x4680_0000);
+    let v = if a > 0x43e8_0000 {
+        0x7f // above 464 (incl. inf and NaN)
+    } else if a >= 0x3c80_0000 {
+        normal
+    } else {
+        sub
+    };
+    (v | ((b >> 24) & 0x80)) as u8
+}
+
+/// BF16 bits → f32 (exact).
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// f32 → BF16 bits, round-to-nearest-even; NaN → `0x7fc0`/`0xffc0`.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let r = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let v = if (b & 0x7fff_ffff) > 0x7f80_0000 {
+        ((b >> 16) & 0x8000) | 0x7fc0
+    } else {
+        r
+    };
+    v as u16
+}
+
+/// IEEE half bits → f32 (exact; NaN payload kept as numpy does).
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let mag = h & 0x7fff;
+    let normal = (mag << 13) + 0x3800_0000;
+    let sub = ((mag as i32) as f32 * (1.0 / 16_777_216.0)).to_bits();
+    let infnan = (mag << 13) | 0x7f80_0000;
+    let v = if mag >= 0x7c00 {
+        infnan
+    } else if mag < 0x400 {
+        sub
+    } else {
+        normal
+    };
+    f32::from_bits(v | ((h & 0x8000) << 16))
+}
+
+/// f32 → IEEE half bits as numpy's `astype(float16)`: RNE, subnormals kept, overflow → ±inf,
+/// NaN → `sign | 0x7c00 | (mantissa >> 13)` (`| 1` if that would be inf).
+#[inline(always)]
+pub fn f32_to_f16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let a = b & 0x7fff_ffff;
+    let normal = (a.wrapping_add(0xfff + ((a >> 13) & 1)) >> 13).wrapping_sub(0x1_c000);
+    // |x| < 2^-14: adding 0.5 rounds |x| to a multiple of 2^-24 (RNE).
+    let sub = (f32::from_bits(a) + 0.5).to_bits().wrapping_sub(0x3f00_0000);
+    let p = (a >> 13) & 0x3ff;
+    let nan = 0x7c00 | p | (p == 0) as u32;
+    let v = if a > 0x7f80_0000 {
+        nan
+    } else if a >= 0x4780_0000 {
+        0x7c00
+    } else if a >= 0x3880_0000 {
+        normal
+    } else {
+        sub
+    };
+    (v | ((b >> 16) & 0x8000)) as u16
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMD level and dispatch
+// ---------------------------------------------------------------------------------------------
+
+/// Instruction set level the fast paths run at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimdLevel {
+    /// Baseline of the target (SSE2 on x86_64), auto-vectorized.
+    Portable,
+    /// x86_64 AVX2.
+    Avx2,
+    /// x86_64 AVX-512 F+BW+VL.
+    Avx512,
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(0);
+
+/// The level the fast paths use on this machine (detected once; capped by `AOE_KERNELS`).
+pub fn simd_level() -> SimdLevel {
+    match LEVEL.load(Ordering::Relaxed) {
+        1 => SimdLevel::Portable,
+        2 => SimdLevel::Avx2,
+        3 => SimdLevel::Avx512,
+        _ => {
+            let cap = std::env::var("AOE_KERNELS").ok();
+            let mut l = best_level();
+            match cap.as_deref().map(str::trim) {
+                Some("portable") | Some("scalar") => l = SimdLevel::Portable,
+                Some("avx2") if l == SimdLevel::Avx512 => l = SimdLevel::Avx2,
+                _ => {}
+            }
+            let v = match l {
+                SimdLevel::Portable => 1,
+                SimdLevel::Avx2 => 2,
+                SimdLevel::Avx512 => 3,
+            };
+            LEVEL.store(v, Ordering::Relaxed);
+            l
+        }
+    }
+}
+
+fn best_level() -> SimdLevel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx2")
+        {
+            return SimdLevel::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") {
+            return SimdLevel::Avx2;
+        }
+    }
+    SimdLevel::Portable
+}
+
+/// Every level this machine can run (for tests and benchmarks).
+pub fn available_levels() -> Vec<SimdLevel> {
+    let mut v = vec![SimdLevel::Portable];
+    let best = best_level();
+    if best != SimdLevel::Portable {
+        v.push(SimdLevel::Avx2);
+    }
+    if best == SimdLevel::Avx512 {
+        v.push(SimdLevel::Avx512);
+    }
+    v
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Runs `f` compiled for `level` (the closure is inlined into a function with those target
+/// features, so LLVM vectorizes it for them). A level the CPU lacks falls back to portable.
+#[inline(always)]
+fn run<R>(level: SimdLevel, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match level {
+            SimdLevel::Avx512 if best_level() == SimdLevel::Avx512 => {
+                // SAFETY: the CPU supports AVX-512 F/BW/VL and AVX2 (checked just above).
+                return unsafe { with_avx512(f) };
+            }
+            SimdLevel::Avx2 if best_level() != SimdLevel::Portable => {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                return unsafe { with_avx2(f) };
+            }
+            _ => {}
+        }
+    }
+    let _ = level;
+    f()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic per-dtype element access
+// ---------------------------------------------------------------------------------------------
+
+/// Lanes per chunk of the vectorizable loops.
+const L: usize = 16;
+
+trait Dec {
+    const SIZE: usize;
+    fn get(c: &[u8], j: usize) -> f32;
+}
+trait Enc {
+    const SIZE: usize;
+    fn put(o: &mut [u8], j: usize, x: f32);
+}
+
+struct Bf16;
+struct F16;
+struct F32;
+struct Fp8;
+
+impl Dec for Bf16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn get(c: &[u8], j: usize) -> f32 {
+        bf16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]]))
+    }
+}
+impl Dec for F16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn get(c: &[u8], j: usize) -> f32 {
+        f16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]]))
+    }
+}
+impl Dec for F32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn get(c: &[u8], j: usize) -> f32 {
+        f32::from_le_bytes([c[4 * j], c[4 * j + 1], c[4 * j + 2], c[4 * j + 3]])
+    }
+}
+impl Dec for Fp8 {
+    const SIZE: usize = 1;
+    #[inline(always)]
+    fn get(c: &[u8], j: usize) -> f32 {
+        fp8_to_f32(c[j])
+    }
+}
+impl Enc for Bf16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn put(o: &mut [u8], j: usize, x: f32) {
+        let b = f32_to_bf16(x).to_le_bytes();
+        o[2 * j] = b[0];
+        o[2 * j + 1] = b[1];
+    }
+}
+impl Enc for F16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn put(o: &mut [u8], j: usize, x: f32) {
+        let b = f32_to_f16(x).to_le_bytes();
+        o[2 * j] = b[0];
+        o[2 * j + 1] = b[1];
+    }
+}
+impl Enc for F32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn put(o: &mut [u8], j: usize, x: f32) {
+        let b = x.to_le_bytes();
+        o[4 * j] = b[0];
+        o[4 * j + 1] = b[1];
+        o[4 * j + 2] = b[2];
+        o[4 * j + 3] = b[3];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inner kernels (inlined into each SIMD-level instance)
+// ---------------------------------------------------------------------------------------------
+
+/// out[i] = dec(src[i]) (× s if SCALED).
+#[inline(always)]
+fn map_k<D: Dec, const SCALED: bool>(src: &[u8], s: f32, out: &mut [f32]) {
+    let mut oc = out.chunks_exact_mut(L);
+    let mut sc = src.chunks_exact(L * D::SIZE);
+    for (o, c) in (&mut oc).zip(&mut sc) {
+        for j in 0..L {
+            let d = D::get(c, j);
+            o[j] = if SCALED { d * s } else { d };
+        }
+    }
+    let c = sc.remainder();
+    for (j, o) in oc.into_remainder().iter_mut().enumerate() {
+        let d = D::get(c, j);
+        *o = if SCALED { d * s } else { d };
+    }
+}
+
+/// acc[i] = w·d (FIRST) or acc[i] + w·d, with d = dec(src[i]) (× s if SCALED).
+#[inline(always)]
+fn axpy_k<D: Dec, const SCALED: bool, const FIRST: bool>(
+    src: &[u8],
+    s: f32,
+    w: f32,
+    acc: &mut [f32],
+) {
+    let mut ac = acc.chunks_exact_mut(L);
+    let mut sc = src.chunks_exact(L * D::SIZE);
+    for (a, c) in (&mut ac).zip(&mut sc) {
+        for j in 0..L {
+            let mut d = D::get(c, j);
+            if SCALED {
+                d = d * s;
+            }
+            let p = w * d;
+            a[j] = if FIRST { p } else { a[j] + p };
+        }
+    }
+    let c = sc.remainder();
+    for (j, a) in ac.into_remainder().iter_mut().enumerate() {
+        let mut d = D::get(c, j);
+        if SCALED {
+            d = d * s;
+        }
+        let p = w * d;
+        *a = if FIRST { p } else { *a + p };
+    }
+}
+
+#[inline(always)]
+fn axpy_dispatch<D: Dec>(src: &[u8], s: Option<f32>, w: f32, acc: &mut [f32], first: bool) {
+    match (s, first) {
+        (Some(s), true) => axpy_k::<D, true, true>(src, s, w, acc),
+        (Some(s), false) => axpy_k::<D, true, false>(src, s, w, acc),
+        (None, true) => axpy_k::<D, false, true>(src, 0.0, w, acc),
+        (None, false) => axpy_k::<D, false, false>(src, 0.0, w, acc),
+    }
+}
+
+/// acc += w·d over f32 slices.
+#[inline(always)]
+fn scale_add_k(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
+    let mut ac = acc.chunks_exact_mut(L);
+    let mut dc = d.chunks_exact(L);
+    if first {
+        for (a, x) in (&mut ac).zip(&mut dc) {
+            for j in 0..L {
+                a[j] = w * x[j];
+            }
+        }
+        for (a, x) in ac.into_remainder().iter_mut().zip(dc.remainder()) {
+            *a = w * *x;
+        }
+    } else {
+        for (a, x) in (&mut ac).zip(&mut dc) {
+            for j in 0..L {
+                a[j] = a[j] + w * x[j];
+            }
+        }
+        for (a, x) in ac.into_remainder().iter_mut().zip(dc.remainder()) {
+            *a = *a + w * *x;
+        }
+    }
+}
+
+#[inline(always)]
+fn encode_k<E: Enc>(src: &[f32], out: &mut [u8]) {
+    let mut oc = out.chunks_exact_mut(L * E::SIZE);
+    let mut sc = src.chunks_exact(L);
+    for (o, s) in (&mut oc).zip(&mut sc) {
+        for j in 0..L {
+            E::put(o, j, s[j]);
+        }
+    }
+    let o = oc.into_remainder();
+    for (j, x) in sc.remainder().iter().enumerate() {
+        E::put(o, j, *x);
+    }
+}
+
+#[inline(always)]
+fn decode_any(dtype: DType, src: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::BF16 => map_k::<Bf16, false>(src, 0.0, out),
+        DType::F16 => map_k::<F16, false>(src, 0.0, out),
+        DType::F32 => map_k::<F32, false>(src, 0.0, out),
+        DType::F8E4M3 => map_k::<Fp8, false>(src, 0.0, out),
+        DType::Other(_) => unreachable!("checked by the caller"),
+    }
+}
+
+#[inline(always)]
+fn encode_any(dtype: DType, src: &[f32], out: &mut [u8]) {
+    match dtype {
+        DType::BF16 => encode_k::<Bf16>(src, out),
+        DType::F16 => encode_k::<F16>(src, out),
+        DType::F32 => encode_k::<F32>(src, out),
+        _ => unreachable!("checked by the caller"),
+    }
+}
+
+#[inline(always)]
+fn axpy_any(dtype: DType, src: &[u8], s: Option<f32>, w: f32, acc: &mut [f32], first: bool) {
+    match dtype {
+        DType::BF16 => axpy_dispatch::<Bf16>(src, s, w, acc, first),
+        DType::F16 => axpy_dispatch::<F16>(src, s, w, acc, first),
+        DType::F32 => axpy_dispatch::<F32>(src, s, w, acc, first),
+        DType::F8E4M3 => axpy_dispatch::<Fp8>(src, s, w, acc, first),
+        DType::Other(_) => unreachable!("checked by the caller"),
+    }
+}
+
+/// Largest `|x|` bit pattern (NaN > inf > finite).
+#[inline(always)]
+fn amax_k(x: &[f32]) -> u32 {
+    let mut m = [0u32; L];
+    let mut it = x.chunks_exact(L);
+    for c in &mut it {
+        for j in 0..L {
+            m[j] = m[j].max(c[j].to_bits() & 0x7fff_ffff);
+        }
+    }
+    let mut r = 0u32;
+    for v in it.remainder() {
+        r = r.max(v.to_bits() & 0x7fff_ffff);
+    }
+    for v in m {
+        r = r.max(v);
+    }
+    r
+}
+
+/// codes[i] = fp8(x[i] / scale) (true division).
+#[inline(always)]
+fn quant_k(x: &[f32], scale: f32, out: &mut [u8]) {
+    let mut oc = out.chunks_exact_mut(L);
+    let mut xc = x.chunks_exact(L);
+    for (o, c) in (&mut oc).zip(&mut xc) {
+        for j in 0..L {
+            o[j] = f32_to_fp8(c[j] / scale);
+        }
+    }
+    for (o, v) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
+        *o = f32_to_fp8(*v / scale);
+    }
+}
+
+#[inline(always)]
+fn block_scale(amax_bits: u32) -> f32 {
+    if amax_bits == 0 {
+        1.0
+    } else {
+        f32::from_bits(amax_bits) / FP8_MAX
+    }
+}
+
+/// 8-lane f64 sum of squared differences; `lanes[j]` takes elements with index ≡ j (mod 8),
+/// counting from the start of `a` (the caller keeps the global alignment).
+#[inline(always)]
+fn sq_k(lanes: &mut [f64; 8], a: &[f32], b: &[f32]) {
+    let mut l = *lanes;
+    let mut ac = a.chunks_exact(8);
+    let mut bc = b.chunks_exact(8);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for j in 0..8 {
+            let d = x[j] as f64 - y[j] as f64;
+            l[j] += d * d;
+        }
+    }
+    for (j, (x, y)) in ac.remainder().iter().zip(bc.remainder()).enumerate() {
+        let d = *x as f64 - *y as f64;
+        l[j] += d * d;
+    }
+    *lanes = l;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shape checks (shared by the fast and scalar paths)
+// ---------------------------------------------------------------------------------------------
+
+#[track_caller]
+fn check_mixable(dtype: DType) {
+    assert!(dtype.is_mixable(), "kernels: dtype {dtype} cannot be mixed");
+}
+
+/// (nrows, block rows, block cols) of a band of `n` elements with `cols` columns.
+#[track_caller]
+fn band_dims(n: usize, cols: usize) -> (usize, usize, usize) {
+    if n == 0 {
+        return (0, 0, cols.div_ceil(FP8_BLOCK));
+    }
+    assert!(cols > 0, "kernels: cols == 0 for a non-empty FP8 band");
+    assert!(
+        n % cols == 0,
+        "kernels: FP8 band of {n} elements is not whole rows of {cols}"
+    );
+    let nrows = n / cols;
+    (
+        nrows,
+        nrows.div_ceil(FP8_BLOCK),
+        cols.div_ceil(FP8_BLOCK),
+    )
+}
+
+#[track_caller]
+fn check_scales(n: usize, cols: usize, scales_len: usize) -> (usize, usize, usize) {
+    let (nrows, nbr, nbc) = band_dims(n, cols);
+    assert_eq!(
+        scales_len,
+        nbr * nbc,
+        "kernels: FP8 band of {nrows}x{cols} needs {nbr}x{nbc} block scales"
+    );
+    (nrows, nbr, nbc)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public fast paths
+// ---------------------------------------------------------------------------------------------
+
+/// Decodes stored values to f32: FP8 codes as floats WITHOUT their block scales (the "stored"
+/// metric), BF16/F16/F32 values.
+///
+/// # Panics
+/// If `dtype` is not mixable or `src.len() != out.len() * dtype.size()` (caller bugs).
+pub fn decode(dtype: DType, src: &[u8], out: &mut [f32]) {
+    decode_at(simd_level(), dtype, src, out)
+}
+
+fn decode_at(level: SimdLevel, dtype: DType, src: &[u8], out: &mut [f32]) {
+    check_mixable(dtype);
+    assert_eq!(src.len(), out.len() * dtype.size(), "kernels::decode: length mismatch");
+    run(level, || decode_any(dtype, src, out))
+}
+
+/// Dequantizes an FP8 band of whole rows (the band starts at a row that is a multiple of 128):
+/// `out = f32(code) × scale` of the code's 128×128 block (one f32 multiply). `scales` are the
+/// band's block rows, row-major, `ceil(cols/128)` per block row.
+///
+/// # Panics
+/// If `src.len() != out.len()`, the band is not whole rows of `cols`, or `scales.len()` is not
+/// `ceil(nrows/128) × ceil(cols/128)`.
+pub fn dequant_fp8(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
+    dequant_fp8_at(simd_level(), src, cols, scales, out)
+}
+
+fn dequant_fp8_at(level: SimdLevel, src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
+    assert_eq!(src.len(), out.len(), "kernels::dequant_fp8: length mismatch");
+    let (nrows, _, nbc) = check_scales(src.len(), cols, scales.len());
+    run(level, || {
+        for r in 0..nrows {
+            let row = r * cols;
+            let srow = &scales[(r / FP8_BLOCK) * nbc..];
+            for bc in 0..nbc {
+                let c0 = bc * FP8_BLOCK;
+                let c1 = (c0 + FP8_BLOCK).min(cols);
+                map_k::<Fp8, true>(&src[row + c0..row + c1], srow[bc], &mut out[row + c0..row + c1]);
+            }
+        }
+    })
+}
+
+/// `acc = w·d` (first) or `acc = acc + w·d`: every product and sum rounded to f32, no FMA.
+///
+/// # Panics
+/// If `acc.len() != d.len()`.
+pub fn scale_add(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
+    scale_add_at(simd_level(), acc, w, d, first)
+}
+
+fn scale_add_at(level: SimdLevel, acc: &mut [f32], w: f32, d: &[f32], first: bool) {
+    assert_eq!(acc.len(), d.len(), "kernels::scale_add: length mismatch");
+    run(level, || scale_add_k(acc, w, d, first))
+}
+
+/// Encodes f32 to BF16/F16/F32 little-endian bytes (for FP8 use [`quantize_fp8`]).
+///
+/// # Panics
+/// If `dtype` is not BF16/F16/F32 or `out.len() != src.len() * dtype.size()`.
+pub fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
+    encode_at(simd_level(), dtype, src, out)
+}
+
+#[track_caller]
+fn check_encodable(dtype: DType) {
+    assert!(
+        matches!(dtype, DType::BF16 | DType::F16 | DType::F32),
+        "kernels::encode: {dtype} is not BF16/F16/F32 (FP8 goes through quantize_fp8)"
+    );
+}
+
+fn encode_at(level: SimdLevel, dtype: DType, src: &[f32], out: &mut [u8]) {
+    check_encodable(dtype);
+    assert_eq!(out.len(), src.len() * dtype.size(), "kernels::encode: length mismatch");
+    run(level, || encode_any(dtype, src, out))
+}
+
+/// Requantizes a band of whole rows to FP8 (band starts at a multiple of 128 rows; nrows =
+/// `acc.len() / cols`): per 128×128 block (edge blocks smaller) `amax` = max |acc| (NaN
+/// propagating, see the module doc), `scale = amax / 448` (f32 division; 1 where amax == 0),
+/// `code = fp8(acc / scale)` (a true division per element). Writes `codes` (len `acc.len()`)
+/// and `scales` (`ceil(nrows/128) × ceil(cols/128)`, row-major).
+///
+/// # Panics
+/// If the lengths do not fit that shape.
+pub fn quantize_fp8(acc: &[f32], cols: usize, codes: &mut [u8], scales: &mut [f32]) {
+    quantize_fp8_at(simd_level(), acc, cols, codes, scales)
+}
+
+fn quantize_fp8_at(level: SimdLevel, acc: &[f32], cols: usize, codes: &mut [u8], scales: &mut [f32]) {
+    assert_eq!(acc.len(), codes.len(), "kernels::quantize_fp8: length mismatch");
+    let (nrows, nbr, nbc) = check_scales(acc.len(), cols, scales.len());
+    run(level, || {
+        for br in 0..nbr {
+            let r0 = br * FP8_BLOCK;
+            let r1 = (r0 + FP8_BLOCK).min(nrows);
+            for bc in 0..nbc {
+                let c0 = bc * FP8_BLOCK;
+                let c1 = (c0 + FP8_BLOCK).min(cols);
+                let mut m = 0u32;
+                for r in r0..r1 {
+                    m = m.max(amax_k(&acc[r * cols + c0..r * cols + c1]));
+                }
+                let scale = block_scale(m);
+                scales[br * nbc + bc] = scale;
+                for r in r0..r1 {
+                    let k = r * cols;
+                    quant_k(&acc[k + c0..k + c1], scale, &mut codes[k + c0..k + c1]);
+                }
+            }
+        }
+    })
+}
+
+/// Sum over i of `(a[i] − b[i])²` with `d = a as f64 − b as f64`, `d*d` added in f64 into 8
+/// lanes by index mod 8, combined as `((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))`: the same bits on
+/// every machine. NaN propagates.
+///
+/// # Panics
+/// If `a.len() != b.len()`.
+pub fn sum_sq_diff(a: &[f32], b: &[f32]) -> f64 {
+    let mut s = SqDiffAcc::new();
+    s.add(a, b);
+    s.sum()
+}
+
+/// Running [`sum_sq_diff`] over consecutive chunks of a tensor: feeding a tensor in chunks of
+/// any sizes gives exactly the bits of one call over the whole tensor (element i always goes to
+/// lane i mod 8, counting across chunks).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SqDiffAcc {
+    lanes: [f64; 8],
+    n: u64,
+}
+
+impl SqDiffAcc {
+    /// An empty accumulator (sum 0).
+    pub fn new() -> SqDiffAcc {
+        SqDiffAcc::default()
+    }
+
+    /// Number of elements added so far.
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+
+    /// The sum so far, lanes combined in the fixed order.
+    pub fn sum(&self) -> f64 {
+        let l = &self.lanes;
+        ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+    }
+
+    /// Adds the next `a.len()` elements (f32 values).
+    ///
+    /// # Panics
+    /// If `a.len() != b.len()`.
+    pub fn add(&mut self, a: &[f32], b: &[f32]) {
+        self.add_at(simd_level(), a, b)
+    }
+
+    fn add_at(&mut self, level: SimdLevel, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "kernels::sum_sq_diff: length mismatch");
+        let (a, b) = self.head(a, b);
+        let lanes = &mut self.lanes;
+        run(level, || sq_k(lanes, a, b));
+        self.n += a.len() as u64;
+    }
+
+    /// Feeds elements one by one until the running index is a multiple of 8; returns the rest.
+    fn head<'x>(&mut self, a: &'x [f32], b: &'x [f32]) -> (&'x [f32], &'x [f32]) {
+        let k = ((8 - (self.n % 8) as usize) % 8).min(a.len());
+        for i in 0..k {
+            let d = a[i] as f64 - b[i] as f64;
+            self.lanes[(self.n % 8) as usize] += d * d;
+            self.n += 1;
+        }
+        (&a[k..], &b[k..])
+    }
+
+    /// Adds the next elements given as stored bytes (FP8 codes without scales, BF16, F16, F32);
+    /// the same bits as decoding both and calling [`SqDiffAcc::add`].
+    ///
+    /// # Panics
+    /// If a dtype is not mixable or the element counts differ.
+    pub fn add_bytes(&mut self, dtype_a: DType, a: &[u8], dtype_b: DType, b: &[u8]) {
+        self.add_bytes_at(simd_level(), dtype_a, a, dtype_b, b)
+    }
+
+    fn add_bytes_at(&mut self, level: SimdLevel, dta: DType, a: &[u8], dtb: DType, b: &[u8]) {
+        check_mixable(dta);
+        check_mixable(dtb);
+        let (sa, sb) = (dta.size(), dtb.size());
+        assert!(
+            a.len() % sa == 0 && b.len() % sb == 0 && a.len() / sa == b.len() / sb,
+            "kernels::sum_sq_diff_bytes: length mismatch"
+        );
+        let n = a.len() / sa;
+        // Head elements (to reach lane alignment) one by one, then whole tiles.
+        let mut i = 0;
+        while self.n % 8 != 0 && i < n {
+            let x = decode_one(dta, &a[i * sa..]);
+            let y = decode_one(dtb, &b[i * sb..]);
+            self.head(&[x], &[y]);
+            i += 1;
+        }
+        let (a, b) = (&a[i * sa..], &b[i * sb..]);
+        let rest = n - i;
+        let lanes = &mut self.lanes;
+        run(level, || {
+            const T: usize = 1024;
+            let mut ta = [0f32; T];
+            let mut tb = [0f32; T];
+            let mut k = 0;
+            while k < rest {
+                let m = T.min(rest - k);
+                decode_any(dta, &a[k * sa..(k + m) * sa], &mut ta[..m]);
+                decode_any(dtb, &b[k * sb..(k + m) * sb], &mut tb[..m]);
+                sq_k(lanes, &ta[..m], &tb[..m]);
+                k += m;
+            }
+        });
+        self.n += rest as u64;
+    }
+}
+
+fn decode_one(dtype: DType, b: &[u8]) -> f32 {
+    match dtype {
+        DType::BF16 => bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        DType::F16 => f16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        DType::F8E4M3 => fp8_to_f32(b[0]),
+        DType::Other(_) => unreachable!("checked by the caller"),
+    }
+}
+
+/// The stored-values metric straight from bytes: the same bits as `decode` of both then
+/// [`sum_sq_diff`] (same f64 accumulation order).
+///
+/// # Panics
+/// If a dtype is not mixable or the element counts differ.
+pub fn sum_sq_diff_bytes(dtype_a: DType, a: &[u8], dtype_b: DType, b: &[u8]) -> f64 {
+    let mut s = SqDiffAcc::new();
+    s.add_bytes(dtype_a, a, dtype_b, b);
+    s.sum()
+}
+
+/// Fused decode (+ FP8 dequantization) and [`scale_add`]: for FP8 with `scales = Some((scales,
+/// cols))`, `src` is a band of whole rows as for [`dequant_fp8`] and `d = f32(code) × scale`;
+/// FP8 with `None` uses the stored codes; other dtypes take `None`. Then `acc = w·d` (first) or
+/// `acc = acc + w·d`. Bit-identical to decoding then calling [`scale_add`].
+///
+/// # Panics
+/// If the dtype is not mixable, lengths mismatch, or scales are given for a non-FP8 dtype or do
+/// not fit the band.
+pub fn accumulate(
+    dtype: DType,
+    src: &[u8],
+    scales: Option<(&[f32], usize)>,
+    w: f32,
+    acc: &mut [f32],
+    first: bool,
+) {
+    accumulate_at(simd_level(), dtype, src, scales, w, acc, first)
+}
+
+#[track_caller]
+fn check_accumulate(dtype: DType, src_len: usize, scales: Option<(&[f32], usize)>, n: usize) {
+    check_mixable(dtype);
+    assert_eq!(src_len, n * dtype.size(), "kernels::accumulate: length mismatch");
+    if let Some((s, cols)) = scales {
+        assert!(
+            dtype == DType::F8E4M3,
+            "kernels::accumulate: block scales given for {dtype}"
+        );
+        check_scales(n, cols, s.len());
+    }
+}
+
+fn accumulate_at(
+    level: SimdLevel,
+    dtype: DType,
+    src: &[u8],
+    scales: Option<(&[f32], usize)>,
+    w: f32,
+    acc: &mut [f32],
+    first: bool,
+) {
+    check_accumulate(dtype, src.len(), scales, acc.len());
+    run(level, || accumulate_range(dtype, src, scales, 0, w, acc, first))
+}
+
+/// Accumulates elements `start .. start + acc.len()` of a band (`src` is the whole band).
+#[inline(always)]
+fn accumulate_range(
+    dtype: DType,
+    src: &[u8],
+    scales: Option<(&[f32], usize)>,
+    start: usize,
+    w: f32,
+    acc: &mut [f32],
+    first: bool,
+) {
+    let sz = dtype.size();
+    match scales {
+        None => axpy_any(dtype, &src[start * sz..(start + acc.len()) * sz], None, w, acc, first),
+        Some((sc, cols)) => {
+            // Segments of constant scale: within one row and one 128-column block.
+            let nbc = cols.div_ceil(FP8_BLOCK);
+            let end = start + acc.len();
+            let mut k = start;
+            while k < end {
+                let row = k / cols;
+                let col = k - row * cols;
+                let bc = col / FP8_BLOCK;
+                let seg_end = end.min(row * cols + cols.min((bc + 1) * FP8_BLOCK));
+                let s = sc[(row / FP8_BLOCK) * nbc + bc];
+                axpy_dispatch::<Fp8>(&src[k..seg_end], Some(s), w, &mut acc[k - start..seg_end - start], first);
+                k = seg_end;
+            }
+        }
+    }
+}
+
+/// One parent's contribution to [`mix`].
+#[derive(Clone, Copy, Debug)]
+pub struct MixInput<'a> {
+    /// The parent's dtype for this tensor (mixable).
+    pub dtype: DType,
+    /// The parent's bytes of the band (same element count as the output).
+    pub bytes: &'a [u8],
+    /// FP8 only: the band's block scales (`ceil(nrows/128) × ceil(cols/128)`); `None` uses the
+    /// stored codes as values.
+    pub scales: Option<&'a [f32]>,
+    /// λ of this parent, already converted to f32.
+    pub weight: f32,
+}
+
+/// Fused mix of a band: exactly `accumulate(input_i, first = i == 0)` for every input in
+/// order, then `encode(out_dtype)` or, for FP8, [`quantize_fp8`] (which writes `out_scales`),
+/// computed in cache-sized tiles (FP8 output: one 128×128 block at a time) without a
+/// full-size f32 buffer. For FP8 inputs or output `cols` is the row length and the band starts
+/// at a multiple of 128 rows; otherwise `cols` is ignored.
+///
+/// # Panics
+/// If `inputs` is empty, a dtype is not mixable, lengths do not fit, `out_scales` is missing
+/// (or given) for an FP8 (non-FP8) output, or scales do not fit the band.
+pub fn mix(
+    inputs: &[MixInput<'_>],
+    cols: usize,
+    out_dtype: DType,
+    out: &mut [u8],
+    out_scales: Option<&mut [f32]>,
+) {
+    mix_at(simd_level(), inputs, cols, out_dtype, out, out_scales)
+}
+
+#[track_caller]
+fn check_mix(
+    inputs: &[MixInput<'_>],
+    cols: usize,
+    out_dtype: DType,
+    out_len: usize,
+    out_scales: Option<usize>,
+) -> usize {
+    assert!(!inputs.is_empty(), "kernels::mix: no inputs");
+    check_mixable(out_dtype);
+    assert!(
+        out_len % out_dtype.size() == 0,
+        "kernels::mix: output length not whole elements"
+    );
+    let n = out_len / out_dtype.size();
+    for p in inputs {
+        check_accumulate(p.dtype, p.bytes.len(), p.scales.map(|s| (s, cols)), n);
+    }
+    match (out_dtype, out_scales) {
+        (DType::F8E4M3, Some(len)) => {
+            check_scales(n, cols, len);
+        }
+        (DType::F8E4M3, None) => panic!("kernels::mix: FP8 output needs out_scales"),
+        (_, Some(_)) => panic!("kernels::mix: out_scales given for {out_dtype} output"),
+        (_, None) => {}
+    }
+    n
+}
+
+fn mix_at(
+    level: SimdLevel,
+    inputs: &[MixInput<'_>],
+    cols: usize,
+    out_dtype: DType,
+    out: &mut [u8],
+    out_scales: Option<&mut [f32]>,
+) {
+    let n = check_mix(inputs, cols, out_dtype, out.len(), out_scales.as_ref().map(|s| s.len()));
+    match out_scales {
+        None => run(level, || {
+            const T: usize = 2048;
+            let mut tile = [0f32; T];
+            let sz = out_dtype.size();
+            let mut k = 0;
+            while k < n {
+                let m = T.min(n - k);
+                let t = &mut tile[..m];
+                for (i, p) in inputs.iter().enumerate() {
+                    accumulate_range(p.dtype, p.bytes, p.scales.map(|s| (s, cols)), k, p.weight, t, i == 0);
+                }
+                encode_any(out_dtype, t, &mut out[k * sz..(k + m) * sz]);
+                k += m;
+            }
+        }),
+        Some(out_scales) => run(level, || {
+            let (nrows, nbr, nbc) = band_dims(n, cols);
+            let mut tile = [0f32; FP8_BLOCK * FP8_BLOCK];
+            for br in 0..nbr {
+                let r0 = br * FP8_BLOCK;
+                let rh = FP8_BLOCK.min(nrows - r0);
+                for bc in 0..nbc {
+                    let c0 = bc * FP8_BLOCK;
+                    let bw = FP8_BLOCK.min(cols - c0);
+                    let t = &mut tile[..rh * bw];
+                    for (i, p) in inputs.iter().enumerate() {
+                        let sz = p.dtype.size();
+                        let s = p.scales.map(|s| s[br * nbc + bc]);
+                        for r in 0..rh {
+                            let k = (r0 + r) * cols + c0;
+                            axpy_any(p.dtype, &p.bytes[k * sz..(k + bw) * sz], s, p.weight, &mut t[r * bw..(r + 1) * bw], i == 0);
+                        }
+                    }
+                    let scale = block_scale(amax_k(t));
+                    out_scales[br * nbc + bc] = scale;
+                    for r in 0..rh {
+                        let k = (r0 + r) * cols + c0;
+                        quant_k(&t[r * bw..(r + 1) * bw], scale, &mut out[k..k + bw]);
+                    }
+                }
+            }
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar reference
+// ---------------------------------------------------------------------------------------------
+
+/// Plain scalar reference of every kernel, written from the definitions (numpy's half-float
+/// algorithm for F16, exact rounding arithmetic for FP8 and BF16), element by element. Slow;
+/// for tests and as the specification of the fast paths.
+pub mod scalar {
+    use super::{check_accumulate, check_encodable, check_mix, check_mixable, check_scales, MixInput};
+    use super::{DType, FP8_BLOCK, FP8_MAX};
+
+    fn pow2_f64(k: i32) -> f64 {
+        let mut v = 1.0f64;
+        if k >= 0 {
+            for _ in 0..k {
+                v *= 2.0;
+            }
+        } else {
+            for _ in 0..-k {
+                v *= 0.5;
+            }
+        }
+        v
+    }
+
+    /// FP8 E4M3FN code → f32: `(-1)^s × m × 2^-9` (e = 0), `(-1)^s × (8+m) × 2^(e-10)`, NaN for
+    /// e = 15, m = 7.
+    pub fn fp8_to_f32(code: u8) -> f32 {
+        let neg = code & 0x80 != 0;
+        let e = ((code >> 3) & 0xf) as i32;
+        let m = (code & 7) as i32;
+        if e == 15 && m == 7 {
+            return f32::from_bits(if neg { 0xffc0_0000 } else { 0x7fc0_0000 });
+        }
+        let mag = if e == 0 {
+            m as f64 * pow2_f64(-9)
+        } else {
+            (8 + m) as f64 * pow2_f64(e - 10)
+        } as f32;
+        if neg {
+            -mag
+        } else {
+            mag
+        }
+    }
+
+    /// f32 → FP8 E4M3FN: the nearest multiple of the grid spacing at |x|'s binade (2^-9 below
+    /// 2^-6), ties to even; results above 448, ±inf and NaN → NaN with the sign.
+    pub fn f32_to_fp8(x: f32) -> u8 {
+        let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
+        if !x.is_finite() {
+            return sign | 0x7f;
+        }
+        let a = (x as f64).abs();
+        if a >= 480.0 {
+            return sign | 0x7f;
+        }
+        let binade = |v: f64| {
+            let mut e = -6i32;
+            while v >= pow2_f64(e + 1) {
+                e += 1;
+            }
+            e
+        };
+        let q = pow2_f64(binade(a) - 3);
+        let r = (a / q).round_ties_even() * q;
+        if r > FP8_MAX as f64 {
+            return sign | 0x7f;
+        }
+        let code = if r < pow2_f64(-6) {
+            (r / pow2_f64(-9)) as u8
+        } else {
+            let e = binade(r);
+            let m = (r / pow2_f64(e - 3)) as u8 - 8;
+            (((e + 7) as u8) << 3) | m
+        };
+        sign | code
+    }
+
+    /// BF16 bits → f32.
+    pub fn bf16_to_f32(b: u16) -> f32 {
+        f32::from_bits((b as u32) << 16)
+    }
+
+    /// f32 → BF16: the nearer of the two neighbouring BF16 values (ties to even mantissa; the
+    /// neighbour past the largest finite value counts as 2^128 and encodes as inf); NaN →
+    /// `0x7fc0` | sign.
+    pub fn f32_to_bf16(x: f32) -> u16 {
+        let b = x.to_bits();
+        let sign = ((b >> 16) as u16) & 0x8000;
+        if x.is_nan() {
+            return sign | 0x7fc0;
+        }
+        if x.is_infinite() {
+            return sign | 0x7f80;
+        }
+        let lo = ((b >> 16) as u16) & 0x7fff; // truncation toward zero
+        let hi = lo + 1;
+        let v = (x as f64).abs();
+        let vlo = bf16_to_f32(lo) as f64;
+        let vhi = if hi == 0x7f80 {
+            pow2_f64(128)
+        } else {
+            bf16_to_f32(hi) as f64
+        };
+        let (dlo, dhi) = (v - vlo, vhi - v);
+        sign | if dlo < dhi || (dlo == dhi && lo & 1 == 0) {
+            lo
+        } else {
+            hi
+        }
+    }
+
+    /// IEEE half → f32, numpy's `npy_halfbits_to_floatbits`.
+    pub fn f16_to_f32(h: u16) -> f32 {
+        let h_exp = h & 0x7c00;
+        let f_sgn = ((h as u32) & 0x8000) << 16;
+        let bits = match h_exp {
+            0 => {
+                let mut h_sig = h & 0x03ff;
+                if h_sig == 0 {
+                    f_sgn
+                } else {
+                    let mut e: u32 = 0;
+                    h_sig <<= 1;
+                    while h_sig & 0x0400 == 0 {
+                        h_sig <<= 1;
+                        e += 1;
+                    }
+                    let f_exp = (127 - 15 - e) << 23;
+                    let f_sig = ((h_sig & 0x03ff) as u32) << 13;
+                    f_sgn + f_exp + f_sig
+                }
+            }
+            0x7c00 => f_sgn + 0x7f80_0000 + (((h & 0x03ff) as u32) << 13),
+            _ => f_sgn + ((((h & 0x7fff) as u32) + 0x1_c000) << 13),
+        };
+        f32::from_bits(bits)
+    }
+
+    /// f32 → IEEE half, numpy's `npy_floatbits_to_halfbits`.
+    pub fn f32_to_f16(x: f32) -> u16 {
+        let f = x.to_bits();
+        let h_sgn = ((f & 0x8000_0000) >> 16) as u16;
+        let f_exp = f & 0x7f80_0000;
+        if f_exp >= 0x4780_0000 {
+            if f_exp == 0x7f80_0000 {
+                let f_sig = f & 0x007f_ffff;
+                if f_sig != 0 {
+                    let mut ret = (0x7c00 + (f_sig >> 13)) as u16;
+                    if ret == 0x7c00 {
+                        ret += 1;
+                    }
+                    return h_sgn + ret;
+                }
+                return h_sgn + 0x7c00;
+            }
+            return h_sgn + 0x7c00;
+        }
+        if f_exp <= 0x3800_0000 {
+            if f_exp < 0x3300_0000 {
+                return h_sgn;
+            }
+            let e = f_exp >> 23;
+            let mut f_sig = 0x0080_0000 + (f & 0x007f_ffff);
+            f_sig >>= 113 - e;
+            if (f_sig & 0x3fff) != 0x1000 || (f & 0x7ff) != 0 {
+                f_sig += 0x1000;
+            }
+            return h_sgn + (f_sig >> 13) as u16;
+        }
+        let h_exp = ((f_exp - 0x3800_0000) >> 13) as u16;
+        let mut f_sig = f & 0x007f_ffff;
+        if (f_sig & 0x3fff) != 0x1000 {
+            f_sig += 0x1000;
+        }
+        let h_sig = (f_sig >> 13) as u16;
+        // A carry out of the mantissa increments the exponent (up to inf): correct.
+        h_sgn + h_exp + h_sig
+    }
+
+    fn decode_one(dtype: DType, b: &[u8]) -> f32 {
+        match dtype {
+            DType::BF16 => bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+            DType::F16 => f16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+            DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            DType::F8E4M3 => fp8_to_f32(b[0]),
+            DType::Other(_) => unreachable!(),
+        }
+    }
+
+    /// Reference of [`super::decode`].
+    pub fn decode(dtype: DType, src: &[u8], out: &mut [f32]) {
+        check_mixable(dtype);
+        assert_eq!(src.len(), out.len() * dtype.size(), "kernels::decode: length mismatch");
+        let sz = dtype.size();
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = decode_one(dtype, &src[i * sz..]);
+        }
+    }
+
+    /// Reference of [`super::dequant_fp8`].
+    pub fn dequant_fp8(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
+        assert_eq!(src.len(), out.len(), "kernels::dequant_fp8: length mismatch");
+        let (nrows, _, nbc) = check_scales(src.len(), cols, scales.len());
+        for r in 0..nrows {
+            for c in 0..cols {
+                let s = scales[(r / FP8_BLOCK) * nbc + c / FP8_BLOCK];
+                out[r * cols + c] = fp8_to_f32(src[r * cols + c]) * s;
+            }
+        }
+    }
+
+    /// Reference of [`super::scale_add`].
+    pub fn scale_add(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
+        assert_eq!(acc.len(), d.len(), "kernels::scale_add: length mismatch");
+        for (a, x) in acc.iter_mut().zip(d) {
+            *a = if first { w * *x } else { *a + w * *x };
+        }
+    }
+
+    /// Reference of [`super::encode`].
+    pub fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
+        check_encodable(dtype);
+        assert_eq!(out.len(), src.len() * dtype.size(), "kernels::encode: length mismatch");
+        for (i, x) in src.iter().enumerate() {
+            match dtype {
+                DType::BF16 => out[2 * i..2 * i + 2].copy_from_slice(&f32_to_bf16(*x).to_le_bytes()),
+                DType::F16 => out[2 * i..2 * i + 2].copy_from_slice(&f32_to_f16(*x).to_le_bytes()),
+                _ => out[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes()),
+            }
+        }
+    }
+
+    /// Reference of [`super::quantize_fp8`].
+    pub fn quantize_fp8(acc: &[f32], cols: usize, codes: &mut [u8], scales: &mut [f32]) {
+        assert_eq!(acc.len(), codes.len(), "kernels::quantize_fp8: length mismatch");
+        let (nrows, nbr, nbc) = check_scales(acc.len(), cols, scales.len());
+        for br in 0..nbr {
+            for bc in 0..nbc {
+                let rows = br * FP8_BLOCK..(br * FP8_BLOCK + FP8_BLOCK).min(nrows);
+                let cs = bc * FP8_BLOCK..(bc * FP8_BLOCK + FP8_BLOCK).min(cols);
+                let mut amax_bits = 0u32;
+                for r in rows.clone() {
+                    for c in cs.clone() {
+                        amax_bits = amax_bits.max(acc[r * cols + c].to_bits() & 0x7fff_ffff);
+                    }
+                }
+                let amax = f32::from_bits(amax_bits);
+                let scale = if amax == 0.0 { 1.0 } else { amax / FP8_MAX };
+                scales[br * nbc + bc] = scale;
+                for r in rows.clone() {
+                    for c in cs.clone() {
+                        codes[r * cols + c] = f32_to_fp8(acc[r * cols + c] / scale);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reference of [`super::sum_sq_diff`].
+    pub fn sum_sq_diff(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len(), "kernels::sum_sq_diff: length mismatch");
+        let mut l = [0f64; 8];
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            let d = *x as f64 - *y as f64;
+            l[i % 8] += d * d;
+        }
+        ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+    }
+
+    /// Reference of [`super::sum_sq_diff_bytes`]: decode both, then [`sum_sq_diff`].
+    pub fn sum_sq_diff_bytes(dtype_a: DType, a: &[u8], dtype_b: DType, b: &[u8]) -> f64 {
+        check_mixable(dtype_a);
+        check_mixable(dtype_b);
+        let n = a.len() / dtype_a.size();
+        assert!(
+            a.len() % dtype_a.size() == 0 && b.len() == n * dtype_b.size(),
+            "kernels::sum_sq_diff_bytes: length mismatch"
+        );
+        let mut x = vec![0f32; n];
+        let mut y = vec![0f32; n];
+        decode(dtype_a, a, &mut x);
+        decode(dtype_b, b, &mut y);
+        sum_sq_diff(&x, &y)
+    }
+
+    /// Reference of [`super::accumulate`]: decode (or dequantize), then [`scale_add`].
+    pub fn accumulate(
+        dtype: DType,
+        src: &[u8],
+        scales: Option<(&[f32], usize)>,
+        w: f32,
+        acc: &mut [f32],
+        first: bool,
+    ) {
+        check_accumulate(dtype, src.len(), scales, acc.len());
+        let mut d = vec![0f32; acc.len()];
+        match scales {
+            Some((s, cols)) => dequant_fp8(src, cols, s, &mut d),
+            None => decode(dtype, src, &mut d),
+        }
+        scale_add(acc, w, &d, first);
+    }
+
+    /// Reference of [`super::mix`]: [`accumulate`] every input in order into a full-size f32
+    /// buffer, then [`encode`] or [`quantize_fp8`].
+    pub fn mix(
+        inputs: &[MixInput<'_>],
+        cols: usize,
+        out_dtype: DType,
+        out: &mut [u8],
+        out_scales: Option<&mut [f32]>,
+    ) {
+        let n = check_mix(inputs, cols, out_dtype, out.len(), out_scales.as_ref().map(|s| s.len()));
+        let mut acc = vec![0f32; n];
+        for (i, p) in inputs.iter().enumerate() {
+            accumulate(p.dtype, p.bytes, p.scales.map(|s| (s, cols)), p.weight, &mut acc, i == 0);
+        }
+        match out_scales {
+            Some(s) => quantize_fp8(&acc, cols, out, s),
+            None => encode(out_dtype, &acc, out),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// splitmix64: a tiny deterministic RNG.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn u32(&mut self) -> u32 {
+            (self.next() >> 32) as u32
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        /// Roughly normal-looking weights of magnitude ~scale (no NaN/inf).
+        fn value(&mut self, scale: f32) -> f32 {
+            let u = (self.u32() as f32 / u32::MAX as f32) - 0.5;
+            let v = (self.u32() as f32 / u32::MAX as f32) - 0.5;
+            (u + v) * scale
+        }
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    const LENGTHS: &[usize] = &[
+        0, 1, 7, 15, 16, 17, 31, 33, 63, 65, 127, 128, 129, 255, 257, 1000,
+    ];
+    const SHAPES: &[(usize, usize)] = &[
+        (1, 1),
+        (130, 7),
+        (129, 300),
+        (256, 257),
+        (3, 128),
+        (128, 128),
+        (2, 1000),
+    ];
+    const DTYPES: &[DType] = &[DType::BF16, DType::F16, DType::F32, DType::F8E4M3];
+    const OUT_DTYPES: &[DType] = &[DType::BF16, DType::F16, DType::F32];
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn pow2(k: i32) -> f32 {
+        2f32.powi(k)
+    }
+
+    /// f32 inputs that stress the encoders.
+    fn edge_f32() -> Vec<f32> {
+        let mut v: Vec<f32> = [
+            0u32, 0x8000_0000, 0x7f80_0000, 0xff80_0000, // ±0, ±inf
+            0x7fc0_0000, 0xffc0_0000, 0x7f80_0001, 0xff80_0001, 0x7fa0_0001, 0xffa0_0001,
+            0x7fff_ffff, 0xffff_ffff, 0x7fc0_0001, 0x7fbf_ffff, 0x7f80_2000, 0x7f80_1fff,
+            0x7fc0_1000, 0xff80_e000, // NaNs with payloads
+            1, 2, 3, 0x007f_ffff, 0x0040_0000, 0x8000_0001, 0x807f_ffff, // f32 subnormals
+            0x0080_0000, 0x7f7f_ffff, 0xff7f_ffff, 0x7f7f_8000, 0x7f7f_7fff, 0x7f7f_0000,
+        ]
+        .iter()
+        .map(|&b| f32::from_bits(b))
+        .collect();
+        v.extend([
+            448.0, 464.0, 465.0, 456.0, 447.0, 449.0, 480.0, 500.0, 1e6, 240.0, 248.0, 232.0,
+            65504.0, 65519.0, 65520.0, 65535.0, 65536.0, 65519.996, 65520.004, 1.0, -1.0, 0.1,
+        ]);
+        for k in -30..20 {
+            let p = pow2(k);
+            v.extend([p, 1.5 * p, 1.25 * p, 1.0625 * p, 1.03125 * p, 1.0078125 * p, 1.00390625 * p]);
+        }
+        v.extend([464f32.next_down(), 464f32.next_up(), 448f32.next_up(), 448f32.next_down()]);
+        v.extend([pow2(-10), pow2(-10).next_up(), pow2(-10).next_down(), 1.5 * pow2(-9)]);
+        // Every FP8, BF16 and F16 value, the midpoints to their neighbours and one ulp around.
+        let mut grids: Vec<Vec<f32>> = Vec::new();
+        grids.push((0..0x7fu8).map(scalar::fp8_to_f32).collect());
+        grids.push((0..0x7c00u16).map(scalar::f16_to_f32).collect());
+        grids.push((0..0x7f80u16).step_by(3).map(scalar::bf16_to_f32).collect());
+        for g in grids {
+            for w in g.windows(2) {
+                let mid = ((w[0] as f64 + w[1] as f64) / 2.0) as f32;
+                v.extend([w[0], mid, mid.next_up(), mid.next_down()]);
+            }
+        }
+        let neg: Vec<f32> = v.iter().map(|x| -*x).collect();
+        v.extend(neg);
+        v
+    }
+
+    fn random_f32(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| f32::from_bits(rng.u32())).collect()
+    }
+
+    /// Independent oracle: round |x| to the nearest of `grid` (sorted finite magnitudes with
+    /// their codes, plus one overflow sentinel at the end), ties to the even code.
+    fn nearest(grid: &[(f64, u32)], a: f64) -> u32 {
+        let i = grid.partition_point(|g| g.0 < a);
+        if i < grid.len() && grid[i].0 == a {
+            return grid[i].1;
+        }
+        assert!(i > 0 && i < grid.len(), "value outside grid: {a}");
+        let (lo, hi) = (grid[i - 1], grid[i]);
+        let (dl, dh) = (a - lo.0, hi.0 - a);
+        if dl < dh || (dl == dh && lo.1 & 1 == 0) {
+            lo.1
+        } else {
+            hi.1
+        }
+    }
+
+    // ---- known values: pin the scalar reference (and the fast element functions) ----
+
+    #[test]
+    fn known_values() {
+        type Enc8 = fn(f32) -> u8;
+        type Enc16 = fn(f32) -> u16;
+        let fp8s: [Enc8; 2] = [scalar::f32_to_fp8, f32_to_fp8];
+        for f in fp8s {
+            assert_eq!(f(464.0), 0x7e);
+            assert_eq!(f(465.0), 0x7f);
+            assert_eq!(f(448.0), 0x7e);
+            assert_eq!(f(460.0), 0x7e);
+            assert_eq!(f(-500.0), 0xff);
+            assert_eq!(f(f32::INFINITY), 0x7f);
+            assert_eq!(f(f32::NEG_INFINITY), 0xff);
+            assert_eq!(f(f32::NAN), 0x7f);
+            assert_eq!(f(-f32::NAN), 0xff);
+            assert_eq!(f(-0.0), 0x80);
+            assert_eq!(f(0.0), 0x00);
+            assert_eq!(f(pow2(-10)), 0x00);
+            assert_eq!(f(pow2(-10).next_up()), 0x01);
+            assert_eq!(f(pow2(-9)), 0x01);
+            assert_eq!(f(1.5 * pow2(-9)), 0x02);
+            assert_eq!(f(2.5 * pow2(-9)), 0x02);
+            assert_eq!(f(7.5 * pow2(-9)), 0x08);
+            assert_eq!(f(pow2(-6)), 0x08);
+            assert_eq!(f(1.0), 0x38);
+            assert_eq!(f(-2.0), 0xc0);
+            assert_eq!(f(1.0625), 0x38); // tie 1 / 1.125 → even
+            assert_eq!(f(1.1875), 0x3a); // tie 1.125 / 1.25 → even (1.25)
+            assert_eq!(f(f32::from_bits(1)), 0x00);
+        }
+        let d8: [fn(u8) -> f32; 2] = [scalar::fp8_to_f32, fp8_to_f32];
+        for f in d8 {
+            assert_eq!(f(0x7e).to_bits(), 448f32.to_bits());
+            assert_eq!(f(0x01).to_bits(), pow2(-9).to_bits());
+            assert_eq!(f(0x07).to_bits(), (7.0 * pow2(-9)).to_bits());
+            assert_eq!(f(0x08).to_bits(), pow2(-6).to_bits());
+            assert_eq!(f(0x38).to_bits(), 1f32.to_bits());
+            assert_eq!(f(0x80).to_bits(), 0x8000_0000);
+            assert_eq!(f(0x7f).to_bits(), 0x7fc0_0000);
+            assert_eq!(f(0xff).to_bits(), 0xffc0_0000);
+        }
+        let bf: [Enc16; 2] = [scalar::f32_to_bf16, f32_to_bf16];
+        for f in bf {
+            assert_eq!(f(f32::from_bits(0x7f80_0001)), 0x7fc0);
+            assert_eq!(f(f32::from_bits(0x7fc1_2345)), 0x7fc0);
+            assert_eq!(f(f32::from_bits(0xffa0_0000)), 0xffc0);
+            assert_eq!(f(f32::INFINITY), 0x7f80);
+            assert_eq!(f(f32::MAX), 0x7f80);
+            assert_eq!(f(f32::from_bits(0x7f7f_7fff)), 0x7f7f);
+            assert_eq!(f(f32::from_bits(0x3f80_8000)), 0x3f80); // tie → even
+            assert_eq!(f(f32::from_bits(0x3f81_8000)), 0x3f82); // tie → even
+            assert_eq!(f(f32::from_bits(0x3f80_8001)), 0x3f81);
+            assert_eq!(f(f32::from_bits(0x0000_8001)), 0x0001); // subnormal kept
+            assert_eq!(f(-0.0), 0x8000);
+        }
+        let hf: [Enc16; 2] = [scalar::f32_to_f16, f32_to_f16];
+        for f in hf {
+            assert_eq!(f(f32::from_bits(0x7f80_0001)), 0x7c01);
+            assert_eq!(f(f32::from_bits(0x7fa0_0001)), 0x7d00);
+            assert_eq!(f(f32::from_bits(0xffc0_0000)), 0xfe00);
+            assert_eq!(f(65520.0), 0x7c00);
+            assert_eq!(f(65519.0), 0x7bff);
+            assert_eq!(f(-1e9), 0xfc00);
+            assert_eq!(f(f32::NEG_INFINITY), 0xfc00);
+            assert_eq!(f(pow2(-24)), 0x0001);
+            assert_eq!(f(pow2(-25)), 0x0000); // tie → even (0)
+            assert_eq!(f(1.5 * pow2(-24)), 0x0002); // tie → even
+            assert_eq!(f(pow2(-25).next_up()), 0x0001);
+            assert_eq!(f(1.0), 0x3c00);
+            assert_eq!(f(-0.0), 0x8000);
+        }
+        let d16: [fn(u16) -> f32; 2] = [scalar::f16_to_f32, f16_to_f32];
+        for f in d16 {
+            assert_eq!(f(0x7c01).to_bits(), 0x7f80_2000);
+            assert_eq!(f(0xfe00).to_bits(), 0xffc0_0000);
+            assert_eq!(f(0x0001).to_bits(), pow2(-24).to_bits());
+            assert_eq!(f(0x7bff).to_bits(), 65504f32.to_bits());
+            assert_eq!(f(0x7c00).to_bits(), f32::INFINITY.to_bits());
+        }
+        assert_eq!(bf16_to_f32(0x3f80), 1.0);
+    }
+
+    // ---- exhaustive code tables ----
+
+    #[test]
+    fn fp8_all_codes() {
+        let codes: Vec<u8> = (0..=255u8).collect();
+        for c in 0..=255u8 {
+            let r = scalar::fp8_to_f32(c);
+            assert_eq!(fp8_to_f32(c).to_bits(), r.to_bits(), "decode {c:#x}");
+            assert_eq!(scalar::f32_to_fp8(r), c, "scalar round trip {c:#x}");
+            assert_eq!(f32_to_fp8(r), c, "fast round trip {c:#x}");
+        }
+        let mut want = vec![0f32; 256];
+        scalar::decode(DType::F8E4M3, &codes, &mut want);
+        for lv in available_levels() {
+            let mut got = vec![0f32; 256];
+            decode_at(lv, DType::F8E4M3, &codes, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{lv:?}");
+            let mut back = vec![0u8; 256];
+            let mut sc = vec![0f32; 2];
+            // One block row, two column blocks: [128 codes ≥ 0][128 codes < 0]; amax 448 → scale 1.
+            quantize_fp8_at(lv, &got, 256, &mut back, &mut sc);
+            assert_eq!(sc[0].to_bits(), f32::NAN.to_bits() & 0x7fff_ffff | (sc[0].to_bits() & 0x8000_0000));
+            let _ = back;
+        }
+    }
+
+    #[test]
+    fn bf16_all_codes() {
+        let mut bytes = Vec::new();
+        for b in 0..=u16::MAX {
+            let r = scalar::bf16_to_f32(b);
+            assert_eq!(bf16_to_f32(b).to_bits(), r.to_bits());
+            let want = if r.is_nan() { (b & 0x8000) | 0x7fc0 } else { b };
+            assert_eq!(scalar::f32_to_bf16(r), want, "scalar {b:#x}");
+            assert_eq!(f32_to_bf16(r), want, "fast {b:#x}");
+            bytes.extend(b.to_le_bytes());
+        }
+        check_codec_slices(DType::BF16, &bytes);
+    }
+
+    #[test]
+    fn f16_all_codes() {
+        let mut bytes = Vec::new();
+        for b in 0..=u16::MAX {
+            let r = scalar::f16_to_f32(b);
+            assert_eq!(f16_to_f32(b).to_bits(), r.to_bits(), "decode {b:#x}");
+            assert_eq!(scalar::f32_to_f16(r), b, "scalar round trip {b:#x}");
+            assert_eq!(f32_to_f16(r), b, "fast round trip {b:#x}");
+            bytes.extend(b.to_le_bytes());
+        }
+        check_codec_slices(DType::F16, &bytes);
+    }
+
+    /// decode + encode slices of every code at every level against the scalar reference.
+    fn check_codec_slices(dtype: DType, bytes: &[u8]) {
+        let n = bytes.len() / dtype.size();
+        let mut want = vec![0f32; n];
+        scalar::decode(dtype, bytes, &mut want);
+        let mut want_enc = vec![0u8; bytes.len()];
+        scalar::encode(dtype, &want, &mut want_enc);
+        for lv in available_levels() {
+            let mut got = vec![0f32; n];
+            decode_at(lv, dtype, bytes, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{dtype} {lv:?}");
+            let mut enc = vec![0u8; bytes.len()];
+            encode_at(lv, dtype, &got, &mut enc);
+            assert_eq!(enc, want_enc, "{dtype} {lv:?}");
+        }
+    }
+
+    // ---- element encoders: edge values, random bits, independent oracle ----
+
+    fn check_encoders(xs: &[f32]) {
+        for &x in xs {
+            assert_eq!(f32_to_fp8(x), scalar::f32_to_fp8(x), "fp8 {:#x}", x.to_bits());
+            assert_eq!(f32_to_bf16(x), scalar::f32_to_bf16(x), "bf16 {:#x}", x.to_bits());
+            assert_eq!(f32_to_f16(x), scalar::f32_to_f16(x), "f16 {:#x}", x.to_bits());
+        }
+        for lv in available_levels() {
+            for dt in OUT_DTYPES {
+                let mut want = vec![0u8; xs.len() * dt.size()];
+                scalar::encode(*dt, xs, &mut want);
+                let mut got = vec![0u8; xs.len() * dt.size()];
+                encode_at(lv, *dt, xs, &mut got);
+                assert_eq!(got, want, "{dt} {lv:?}");
+            }
+            // FP8 element encoding through the quantizer with scale 1 (amax = 0 is impossible
+            // here, so use a column of 448 to pin the scale to 1 where possible).
+        }
+    }
+
+    #[test]
+    fn encoders_edge_values() {
+        check_encoders(&edge_f32());
+    }
+
+    #[test]
+    fn encoders_random_bits() {
+        let mut rng = Rng(1);
+        check_encoders(&random_f32(&mut rng, 200_000));
+    }
+
+    #[test]
+    fn scalar_matches_nearest_oracle() {
+        let mut fp8: Vec<(f64, u32)> =
+            (0..0x7fu32).map(|c| (scalar::fp8_to_f32(c as u8) as f64, c)).collect();
+        fp8.push((480.0, 0x7f));
+        let mut bf: Vec<(f64, u32)> =
+            (0..0x7f80u32).map(|c| (scalar::bf16_to_f32(c as u16) as f64, c)).collect();
+        bf.push((2f64.powi(128), 0x7f80));
+        let mut hf: Vec<(f64, u32)> =
+            (0..0x7c00u32).map(|c| (scalar::f16_to_f32(c as u16) as f64, c)).collect();
+        hf.push((65536.0, 0x7c00));
+        let mut rng = Rng(7);
+        let mut xs = edge_f32();
+        xs.extend(random_f32(&mut rng, 100_000));
+        // Random values in the FP8 and F16 ranges too (random bits are mostly huge or tiny).
+        xs.extend((0..100_000).map(|_| rng.value(1000.0) * pow2(rng.below(40) as i32 - 30)));
+        for x in xs.into_iter().filter(|x| x.is_finite()) {
+            let a = (x as f64).abs();
+            let s8 = if x.is_sign_negative() { 0x80 } else { 0 };
+            let s16 = if x.is_sign_negative() { 0x8000 } else { 0 };
+            if a < 480.0 {
+                assert_eq!(scalar::f32_to_fp8(x) as u32, s8 | nearest(&fp8, a), "fp8 {x:e}");
+            }
+            assert_eq!(scalar::f32_to_bf16(x) as u32, s16 | nearest(&bf, a), "bf16 {x:e}");
+            if a < 65536.0 {
+                assert_eq!(scalar::f32_to_f16(x) as u32, s16 | nearest(&hf, a), "f16 {x:e}");
+            } else {
+                assert_eq!(scalar::f32_to_f16(x), s16 as u16 | 0x7c00);
+            }
+        }
+    }
+
+    /// Every f32 bit pattern through the fast and scalar encoders (slow: `--ignored`).
+    #[test]
+    #[ignore]
+    fn encoders_all_f32() {
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                s.spawn(move || {
+                    let lo = t << 30;
+                    let mut buf = vec![0f32; 1 << 16];
+                    let mut out8 = vec![0u8; 1 << 16];
+                    let mut sc = vec![0f32; 1];
+                    let mut out16 = vec![0u8; 2 << 16];
+                    let mut fast16 = vec![0u8; 2 << 16];
+                    for base in (lo..lo + (1 << 30)).step_by(1 << 16) {
+                        for (i, v) in buf.iter_mut().enumerate() {
+                            *v = f32::from_bits((base + i as u64) as u32);
+                        }
+                        for x in &buf {
+                            assert_eq!(f32_to_fp8(*x), scalar::f32_to_fp8(*x), "{:#x}", x.to_bits());
+                        }
+                        let _ = (&mut out8, &mut sc);
+                        for dt in [DType::BF16, DType::F16] {
+                            scalar::encode(dt, &buf, &mut out16);
+                            encode(dt, &buf, &mut fast16);
+                            assert_eq!(out16, fast16, "{dt} at {base:#x}");
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    // ---- slice kernels at every level ----
+
+    /// A copy of `b` starting at an odd address (the kernels must not assume alignment).
+    fn unaligned(b: &[u8]) -> (Vec<u8>, usize) {
+        let mut v = vec![0u8; b.len() + 1];
+        v[1..].copy_from_slice(b);
+        (v, 1)
+    }
+
+    fn random_bytes_for(rng: &mut Rng, dt: DType, n: usize, special: bool) -> Vec<u8> {
+        if special {
+            return rng.bytes(n * dt.size());
+        }
+        // Mostly realistic values, encoded in the dtype.
+        let vals: Vec<f32> = (0..n).map(|_| rng.value(0.2)).collect();
+        let mut out = vec![0u8; n * dt.size()];
+        match dt {
+            DType::F8E4M3 => {
+                for (o, v) in out.iter_mut().zip(&vals) {
+                    *o = scalar::f32_to_fp8(v * 2000.0);
+                }
+            }
+            _ => scalar::encode(dt, &vals, &mut out),
+        }
+        out
+    }
+
+    #[test]
+    fn decode_encode_scale_add_lengths() {
+        let mut rng = Rng(3);
+        for &n in LENGTHS {
+            for &dt in DTYPES {
+                for special in [false, true] {
+                    let src = random_bytes_for(&mut rng, dt, n, special);
+                    let (buf, off) = unaligned(&src);
+                    let src_u = &buf[off..];
+                    let mut want = vec![0f32; n];
+                    scalar::decode(dt, &src, &mut want);
+                    for lv in available_levels() {
+                        let mut got = vec![0f32; n];
+                        decode_at(lv, dt, src_u, &mut got);
+                        assert_eq!(bits(&got), bits(&want), "decode {dt} n={n} {lv:?}");
+                    }
+                }
+            }
+            let xs = random_f32(&mut rng, n);
+            let ys: Vec<f32> = (0..n).map(|_| rng.value(3.0)).collect();
+            for &dt in OUT_DTYPES {
+                let mut want = vec![0u8; n * dt.size()];
+                scalar::encode(dt, &xs, &mut want);
+                for lv in available_levels() {
+                    let mut buf = vec![0u8; n * dt.size() + 1];
+                    encode_at(lv, dt, &xs, &mut buf[1..]);
+                    assert_eq!(&buf[1..], &want[..], "encode {dt} n={n} {lv:?}");
+                }
+            }
+            for first in [true, false] {
+                for w in [0.3f32, -1.7, 0.0, 1.0] {
+                    let mut want = ys.clone();
+                    scalar::scale_add(&mut want, w, &xs, first);
+                    for lv in available_levels() {
+                        let mut got = ys.clone();
+                        scale_add_at(lv, &mut got, w, &xs, first);
+                        assert_eq!(bits(&got), bits(&want), "scale_add n={n} {lv:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sum_sq_diff_lengths_and_chunks() {
+        let mut rng = Rng(5);
+        for &n in LENGTHS.iter().chain(&[5000usize]) {
+            let a: Vec<f32> = (0..n).map(|_| rng.value(2.0)).collect();
+            let b: Vec<f32> = (0..n).map(|_| rng.value(2.0)).collect();
+            let want = scalar::sum_sq_diff(&a, &b);
+            for lv in available_levels() {
+                let mut s = SqDiffAcc::new();
+                s.add_at(lv, &a, &b);
+                assert_eq!(s.sum().to_bits(), want.to_bits(), "n={n} {lv:?}");
+                // Arbitrary chunking gives the same bits.
+                let mut s = SqDiffAcc::new();
+                let mut k = 0;
+                while k < n {
+                    let m = (1 + rng.below(40)).min(n - k);
+                    s.add_at(lv, &a[k..k + m], &b[k..k + m]);
+                    k += m;
+                }
+                assert_eq!(s.count(), n as u64);
+                assert_eq!(s.sum().to_bits(), want.to_bits(), "chunked n={n} {lv:?}");
+            }
+            assert_eq!(sum_sq_diff(&a, &b).to_bits(), want.to_bits());
+        }
+        // NaN propagates; inf − inf is NaN; equal infinities of opposite sign give inf.
+        let a = [1.0, f32::NAN, 2.0];
+        let b = [1.0, 0.0, 2.0];
+        assert!(sum_sq_diff(&a, &b).is_nan());
+        assert!(sum_sq_diff(&[f32::INFINITY], &[f32::INFINITY]).is_nan());
+        assert_eq!(sum_sq_diff(&[f32::INFINITY], &[0.0]), f64::INFINITY);
+        assert_eq!(sum_sq_diff(&[], &[]).to_bits(), 0f64.to_bits());
+        assert_eq!(sum_sq_diff(&[3.0], &[1.0]), 4.0);
+    }
+
+    #[test]
+    fn sum_sq_diff_bytes_all_dtype_pairs() {
+        let mut rng = Rng(11);
+        for &n in LENGTHS.iter().chain(&[3000usize]) {
+            for &da in DTYPES {
+                for &db in DTYPES {
+                    let special = rng.below(4) == 0;
+                    let a = random_bytes_for(&mut rng, da, n, special);
+                    let b = random_bytes_for(&mut rng, db, n, false);
+                    let want = scalar::sum_sq_diff_bytes(da, &a, db, &b);
+                    let (ua, oa) = unaligned(&a);
+                    for lv in available_levels() {
+                        let mut s = SqDiffAcc::new();
+                        s.add_bytes_at(lv, da, &ua[oa..], db, &b);
+                        assert_eq!(s.sum().to_bits(), want.to_bits(), "{da}/{db} n={n} {lv:?}");
+                        let mut s = SqDiffAcc::new();
+                        let mut k = 0;
+                        while k < n {
+                            let m = (1 + rng.below(1500)).min(n - k);
+                            s.add_bytes_at(
+                                lv,
+                                da,
+                                &a[k * da.size()..(k + m) * da.size()],
+                                db,
+                                &b[k * db.size()..(k + m) * db.size()],
+                            );
+                            k += m;
+                        }
+                        assert_eq!(s.sum().to_bits(), want.to_bits(), "chunked {da}/{db} n={n} {lv:?}");
+                    }
+                    // The fused path equals the unfused composition of the public fast paths.
+                    let (mut x, mut y) = (vec![0f32; n], vec![0f32; n]);
+                    decode(da, &a, &mut x);
+                    decode(db, &b, &mut y);
+                    assert_eq!(
+                        sum_sq_diff_bytes(da, &a, db, &b).to_bits(),
+                        sum_sq_diff(&x, &y).to_bits()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn accumulate_lengths() {
+        let mut rng = Rng(13);
+        for &n in LENGTHS {
+            for &dt in DTYPES {
+                let special = rng.below(3) == 0;
+                let src = random_bytes_for(&mut rng, dt, n, special);
+                let (u, off) = unaligned(&src);
+                let init: Vec<f32> = (0..n).map(|_| rng.value(1.0)).collect();
+                for first in [true, false] {
+                    let w = rng.value(2.0);
+                    let mut want = init.clone();
+                    scalar::accumulate(dt, &src, None, w, &mut want, first);
+                    for lv in available_levels() {
+                        let mut got = init.clone();
+                        accumulate_at(lv, dt, &u[off..], None, w, &mut got, first);
+                        assert_eq!(bits(&got), bits(&want), "{dt} n={n} first={first} {lv:?}");
+                    }
+                    // Unfused composition of the public fast paths.
+                    let mut d = vec![0f32; n];
+                    decode(dt, &src, &mut d);
+                    let mut comp = init.clone();
+                    scale_add(&mut comp, w, &d, first);
+                    assert_eq!(bits(&comp), bits(&want));
+                }
+            }
+        }
+    }
+
+    /// FP8 band data: codes and scales, with some special blocks.
+    fn fp8_band(rng: &mut Rng, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+        let codes: Vec<u8> = (0..rows * cols)
+            .map(|_| match rng.below(50) {
+                0 => rng.next() as u8, // any code, NaN included
+                _ => scalar::f32_to_fp8(rng.value(600.0)),
+            })
+            .collect();
+        let nb = rows.div_ceil(128) * cols.div_ceil(128);
+        let scales = (0..nb)
+            .map(|i| match i % 7 {
+                3 => pow2(-14),
+                5 => f32::from_bits(rng.u32() & 0x3fff_ffff),
+                _ => rng.value(1e-3).abs() + 1e-6,
+            })
+            .collect();
+        (codes, scales)
+    }
+
+    /// An f32 band with special blocks: all zeros, a NaN, an inf, -0.0s, tiny values.
+    fn f32_band(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+        let nbc = cols.div_ceil(128);
+        let mut v: Vec<f32> = (0..rows * cols).map(|_| rng.value(0.05)).collect();
+        for r in 0..rows {
+            for c in 0..cols {
+                let blk = (r / 128) * nbc + c / 128;
+                let x = &mut v[r * cols + c];
+                match blk % 6 {
+                    1 => *x = 0.0,
+                    2 if (r + c) % 97 == 5 => *x = -f32::NAN,
+                    2 if (r + c) % 89 == 3 => *x = f32::NAN,
+                    3 if (r * 7 + c) % 131 == 0 => *x = f32::NEG_INFINITY,
+                    4 => *x = if c % 2 == 0 { -0.0 } else { *x * 1e-38 },
+                    _ => {}
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn fp8_bands() {
+        let mut rng = Rng(17);
+        for &(rows, cols) in SHAPES {
+            let (codes, scales) = fp8_band(&mut rng, rows, cols);
+            let n = rows * cols;
+            let nb = scales.len();
+            // dequant
+            let mut want = vec![0f32; n];
+            scalar::dequant_fp8(&codes, cols, &scales, &mut want);
+            for lv in available_levels() {
+                let mut got = vec![0f32; n];
+                dequant_fp8_at(lv, &codes, cols, &scales, &mut got);
+                assert_eq!(bits(&got), bits(&want), "dequant {rows}x{cols} {lv:?}");
+            }
+            // accumulate with scales
+            let init: Vec<f32> = (0..n).map(|_| rng.value(1.0)).collect();
+            for first in [true, false] {
+                let mut want = init.clone();
+                scalar::accumulate(DType::F8E4M3, &codes, Some((&scales, cols)), 0.7, &mut want, first);
+                for lv in available_levels() {
+                    let mut got = init.clone();
+                    accumulate_at(lv, DType::F8E4M3, &codes, Some((&scales, cols)), 0.7, &mut got, first);
+                    assert_eq!(bits(&got), bits(&want), "accumulate {rows}x{cols} {lv:?}");
+                }
+                let mut d = vec![0f32; n];
+                dequant_fp8(&codes, cols, &scales, &mut d);
+                let mut comp = init.clone();
+                scale_add(&mut comp, 0.7, &d, first);
+                assert_eq!(bits(&comp), bits(&want));
+            }
+            // quantize: special blocks, and realistic values
+            for acc in [f32_band(&mut rng, rows, cols), want.clone()] {
+                let mut wc = vec![0u8; n];
+                let mut ws = vec![0f32; nb];
+                scalar::quantize_fp8(&acc, cols, &mut wc, &mut ws);
+                for lv in available_levels() {
+                    let mut gc = vec![0u8; n];
+                    let mut gs = vec![0f32; nb];
+                    quantize_fp8_at(lv, &acc, cols, &mut gc, &mut gs);
+                    assert_eq!(gc, wc, "quantize codes {rows}x{cols} {lv:?}");
+                    assert_eq!(bits(&gs), bits(&ws), "quantize scales {rows}x{cols} {lv:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_special_blocks() {
+        // 130x300: blocks (0,0) all zero, (0,1) NaN, (0,2) inf, (1,0) normal, (1,1) -0.0 only,
+        // (1,2) tiny f32 subnormals.
+        let (rows, cols) = (130, 300);
+        let mut acc = vec![0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                let x = &mut acc[r * cols + c];
+                *x = match (r / 128, c / 128) {
+                    (0, 0) => 0.0,
+                    (0, 1) if r == 5 && c == 200 => f32::NAN,
+                    (0, 1) => (c as f32 - 180.0) * 0.01,
+                    (0, 2) if r == 1 && c == 260 => f32::NEG_INFINITY,
+                    (0, 2) => 1.5,
+                    (1, 0) => (r * cols + c) as f32 * 1e-3 - 20.0,
+                    (1, 1) => -0.0,
+                    _ => f32::from_bits(((r + c) % 5) as u32) * if c % 2 == 0 { 1.0 } else { -1.0 },
+                };
+            }
+        }
+        let mut codes = vec![0u8; rows * cols];
+        let mut scales = vec![0f32; 6];
+        scalar::quantize_fp8(&acc, cols, &mut codes, &mut scales);
+        assert_eq!(scales[0], 1.0);
+        assert!(scales[1].is_nan() && scales[1].is_sign_positive());
+        assert_eq!(codes[5 * cols + 200], 0x7f);
+        assert_eq!(codes[5 * cols + 130], 0x7f); // x / NaN
+        assert_eq!(scales[2], f32::INFINITY);
+        assert_eq!(codes[cols + 260], 0xff); // -inf / inf = NaN (x86 default NaN is negative)
+        assert_eq!(codes[0], 0);
+        assert_eq!(scales[4], 1.0);
+        assert_eq!(codes[128 * cols + 128], 0x80);
+        assert_eq!(scales[3], 20.0 / 448.0);
+        assert!(scales[5] > 0.0 && scales[5] < 1e-43);
+        for lv in available_levels() {
+            let mut gc = vec![0u8; rows * cols];
+            let mut gs = vec![0f32; 6];
+            quantize_fp8_at(lv, &acc, cols, &mut gc, &mut gs);
+            assert_eq!(gc, codes, "{lv:?}");
+            assert_eq!(bits(&gs), bits(&scales), "{lv:?}");
+        }
+        // amax == 448 → scale 1 → FP8 values re-encode to themselves.
+        let vals: Vec<f32> = (0..=255u8).map(fp8_to_f32).filter(|x| !x.is_nan()).collect();
+        let mut c = vec![0u8; vals.len()];
+        let mut s = [0f32; 2];
+        quantize_fp8(&vals, vals.len(), &mut c, &mut s);
+        assert_eq!(s, [1.0, 1.0]);
+        for (x, c) in vals.iter().zip(&c) {
+            assert_eq!(x.to_bits(), fp8_to_f32(*c).to_bits());
+        }
+    }
+
+    #[test]
+    fn mix_matches_reference_and_composition() {
+        let mut rng = Rng(19);
+        // Non-FP8 outputs over flat lengths (no FP8-scaled inputs: cols irrelevant) and over
+        // bands (FP8 inputs with scales).
+        let mut cases: Vec<(usize, usize)> = LENGTHS.iter().map(|&n| (1, n)).collect();
+        cases.extend_from_slice(SHAPES);
+        cases.push((1, 5000));
+        cases.push((20, 4099));
+        for &(rows, cols) in &cases {
+            let n = rows * cols;
+            for k in 1..=3usize {
+                // Inputs of random dtypes.
+                let mut owned: Vec<(DType, Vec<u8>, Option<Vec<f32>>, f32)> = Vec::new();
+                for _ in 0..k {
+                    let dt = DTYPES[rng.below(4)];
+                    let w = if rng.below(5) == 0 { 1.0 } else { rng.value(1.5) };
+                    if dt == DType::F8E4M3 && rng.below(4) != 0 {
+                        let (c, s) = fp8_band(&mut rng, rows, cols);
+                        owned.push((dt, c, Some(s), w));
+                    } else {
+                        let special = rng.below(5) == 0;
+                        owned.push((dt, random_bytes_for(&mut rng, dt, n, special), None, w));
+                    }
+                }
+                let inputs: Vec<MixInput> = owned
+                    .iter()
+                    .map(|(dt, b, s, w)| MixInput { dtype: *dt, bytes: b, scales: s.as_deref(), weight: *w })
+                    .collect();
+                for out_dt in [DType::BF16, DType::F16, DType::F32, DType::F8E4M3] {
+                    let size = out_dt.size();
+                    let nb = rows.div_ceil(128) * cols.div_ceil(128);
+                    let fp8 = out_dt == DType::F8E4M3;
+                    let mut want = vec![0u8; n * size];
+                    let mut want_s = vec![0f32; nb];
+                    scalar::mix(&inputs, cols, out_dt, &mut want, fp8.then_some(&mut want_s[..]));
+                    for lv in available_levels() {
+                        let mut got = vec![0u8; n * size + 1];
+                        let mut got_s = vec![0f32; nb];
+                        mix_at(lv, &inputs, cols, out_dt, &mut got[1..], fp8.then_some(&mut got_s[..]));
+                        assert_eq!(&got[1..], &want[..], "mix {rows}x{cols} k={k} -> {out_dt} {lv:?}");
+                        if fp8 {
+                            assert_eq!(bits(&got_s), bits(&want_s), "mix scales {rows}x{cols} {lv:?}");
+                        }
+                    }
+                    // Composition of the unfused public fast paths.
+                    let mut acc = vec![0f32; n];
+                    for (i, p) in inputs.iter().enumerate() {
+                        accumulate(p.dtype, p.bytes, p.scales.map(|s| (s, cols)), p.weight, &mut acc, i == 0);
+                    }
+                    let mut comp = vec![0u8; n * size];
+                    let mut comp_s = vec![0f32; nb];
+                    if fp8 {
+                        quantize_fp8(&acc, cols, &mut comp, &mut comp_s);
+                        assert_eq!(bits(&comp_s), bits(&want_s));
+                    } else {
+                        encode(out_dt, &acc, &mut comp);
+                    }
+                    assert_eq!(comp, want, "composition {rows}x{cols} -> {out_dt}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mix_bf16_two_parents_known() {
+        // 0.4·1 + 0.6·2 = 1.6 → BF16 RNE.
+        let a = [0x80u8, 0x3f]; // 1.0
+        let b = [0x00u8, 0x40]; // 2.0
+        let inputs = [
+            MixInput { dtype: DType::BF16, bytes: &a, scales: None, weight: 0.4 },
+            MixInput { dtype: DType::BF16, bytes: &b, scales: None, weight: 0.6 },
+        ];
+        let mut out = [0u8; 2];
+        mix(&inputs, 1, DType::BF16, &mut out, None);
+        let v = 0.4f32 * 1.0 + 0.6f32 * 2.0;
+        assert_eq!(u16::from_le_bytes(out), scalar::f32_to_bf16(v));
+    }
+
+    #[test]
+    #[should_panic(expected = "length mismatch")]
+    fn decode_length_mismatch_panics() {
+        let mut out = [0f32; 2];
+        decode(DType::BF16, &[0u8; 3], &mut out);
+    }
+
+    #[test]
+    #[should_panic(expected = "block scales")]
+    fn dequant_wrong_scales_panics() {
+        let mut out = [0f32; 256];
+        dequant_fp8(&[0u8; 256], 128, &[1.0], &mut out);
+    }
+}

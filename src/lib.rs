@@ -1,0 +1,20 @@
+//! aoe: Assembly of Experts. Synthesizes child checkpoints from sibling models, exact to the bit.
+//!
+//! Data flows one way: [`checkpoint`] → [`recipe`] / [`plan`] → [`kernels`] → [`synth`] →
+//! [`cache`] → fs → FUSE adapter → CLI. [`write`] materializes a child on disk.
+
+pub mod cache;
+pub mod checkpoint;
+pub mod cli;
+pub mod dtype;
+pub mod error;
+pub mod kernels;
+pub mod models;
+pub mod plan;
+pub mod recipe;
+pub mod report;
+pub mod stats;
+pub mod synth;
+pub mod write;
+
+pub use error::{Error, Result};

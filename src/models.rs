@@ -1,0 +1,129 @@
+//! The models of a recipe (base first, then the parents), and typed access to one model's
+//! copy of a unit: its weight and, when it has one, its FP8 block scales.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::checkpoint::{Checkpoint, Shard, TensorInfo};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernels::FP8_BLOCK;
+
+/// Suffix of an FP8 weight's block-scale companion.
+pub const SCALE_SUFFIX: &str = "_scale_inv";
+
+/// The opened checkpoints of a recipe; index 0 is the base.
+pub struct Models {
+    /// Base first, then the parents in recipe order.
+    pub list: Vec<Arc<Checkpoint>>,
+}
+
+impl Models {
+    /// Opens and validates every checkpoint.
+    pub fn open(base: &Path, parents: &[PathBuf]) -> Result<Models> {
+        let mut list = vec![Arc::new(Checkpoint::open(base)?)];
+        for p in parents {
+            list.push(Arc::new(Checkpoint::open(p)?));
+        }
+        Ok(Models { list })
+    }
+
+    /// The base checkpoint.
+    pub fn base(&self) -> &Checkpoint {
+        &self.list[0]
+    }
+
+    /// Model `i`'s copy of weight `name`, with its scales when model `i` has them.
+    /// Checks presence, shape against the base, and the scale companion's dtype and shape.
+    pub fn source(&self, i: usize, name: &str) -> Result<TensorSource<'_>> {
+        let ck = self.list.get(i).ok_or_else(|| Error::BadRecipe { reason: format!("no model {i}") })?;
+        let (shard, info) =
+            ck.get(name).ok_or_else(|| Error::MissingTensor { parent: ck.dir.clone(), tensor: name.to_string() })?;
+        if i > 0 {
+            if let Some((_, b)) = self.base().get(name) {
+                if b.shape != info.shape {
+                    return Err(Error::ShapeMismatch {
+                        parent: ck.dir.clone(),
+                        tensor: name.to_string(),
+                        base: b.shape.clone(),
+                        other: info.shape.clone(),
+                    });
+                }
+            }
+        }
+        let scale_name = format!("{name}{SCALE_SUFFIX}");
+        let scale = match (info.dtype, ck.get(&scale_name)) {
+            (DType::F8E4M3, Some((ss, si))) => {
+                let (rows, cols) = info.rows_cols();
+                let want = vec![rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK)];
+                if si.dtype != DType::F32 || si.shape != want || info.shape.len() != 2 {
+                    return Err(Error::BadTensor {
+                        path: ss.path.clone(),
+                        tensor: scale_name,
+                        reason: format!(
+                            "block scales must be F32 of shape {want:?} for a 2-D weight of shape {:?}, found {} {:?}",
+                            info.shape, si.dtype, si.shape
+                        ),
+                    });
+                }
+                Some((ss, si))
+            }
+            _ => None,
+        };
+        Ok(TensorSource { model: i, shard, info, scale })
+    }
+}
+
+/// One model's copy of a weight and its optional block scales.
+pub struct TensorSource<'a> {
+    /// Model index (0 = base).
+    pub model: usize,
+    /// The shard holding the weight.
+    pub shard: &'a Shard,
+    /// The weight.
+    pub info: &'a TensorInfo,
+    /// The `_scale_inv` companion (FP8 only).
+    pub scale: Option<(&'a Shard, &'a TensorInfo)>,
+}
+
+impl TensorSource<'_> {
+    /// Stored bytes of elements `[e0, e1)`.
+    pub fn elements(&self, e0: usize, e1: usize) -> Result<&[u8]> {
+        let sz = self.info.dtype.size() as u64;
+        let (start, len) = ((e0 as u64) * sz, ((e1 - e0) as u64) * sz);
+        if start + len > self.info.len {
+            return Err(Error::BadTensor {
+                path: self.shard.path.clone(),
+                tensor: self.info.name.clone(),
+                reason: format!("element range {e0}..{e1} out of bounds"),
+            });
+        }
+        self.shard.range(self.info.start + start, len, &self.info.name)
+    }
+
+    /// Drops the mapping's pages of elements `[e0, e1)` from this process (they stay in the
+    /// page cache): keeps RSS bounded however much of the parents is read.
+    pub fn release(&self, e0: usize, e1: usize) {
+        let sz = self.info.dtype.size() as u64;
+        self.shard.release(self.info.start + e0 as u64 * sz, (e1 - e0) as u64 * sz);
+    }
+
+    /// The f32 block scales of block rows `[b0, b1)`, row-major, into `out`.
+    /// Without a companion, `out` is left empty (scale 1).
+    pub fn scale_rows(&self, b0: usize, b1: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        let Some((ss, si)) = self.scale else { return Ok(()) };
+        let scols = si.shape.get(1).copied().unwrap_or(1);
+        let (start, len) = ((b0 * scols * 4) as u64, ((b1 - b0) * scols * 4) as u64);
+        if start + len > si.len {
+            return Err(Error::BadTensor {
+                path: ss.path.clone(),
+                tensor: si.name.clone(),
+                reason: format!("block rows {b0}..{b1} out of bounds"),
+            });
+        }
+        let bytes = ss.range(si.start + start, len, &si.name)?;
+        out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        Ok(())
+    }
+}

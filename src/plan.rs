@@ -1,0 +1,164 @@
+//! The plan: for every unit of the child (a weight and its `_scale_inv` companion), where its
+//! bytes come from. Subset, rules and dtypes are decided up front; δ lazily, at first use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::models::{Models, SCALE_SUFFIX};
+use crate::recipe::{layer_of, Group, Recipe};
+use crate::stats::StatsStore;
+
+/// A weight and its companion, as the base names them.
+#[derive(Clone, Debug)]
+pub struct Unit {
+    /// The weight's name.
+    pub weight: String,
+    /// The base's `_scale_inv` companion, if any.
+    pub scale: Option<String>,
+    /// Its group (DESIGN §2).
+    pub group: Group,
+    /// Its decoder layer, if any.
+    pub layer: Option<u32>,
+}
+
+/// Where a unit's bytes come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// The base's bytes.
+    Base,
+    /// Model k's bytes, verbatim (one-hot weights, same dtype as the base).
+    Donor(usize),
+    /// Computed: Σ w_i · dequantized W_i in f32, requantized to the base's dtype.
+    Mix(Arc<[f32]>),
+}
+
+/// What the recipe wants of a unit, before δ.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Intent {
+    /// Not selected, not mixable, or weight 1 on the base: the base's bytes, no statistic needed.
+    Base,
+    /// Selected: this source if the δ statistic exceeds δ, else the base.
+    Selected(Source),
+}
+
+/// The decisions for every unit of one child.
+pub struct Plan {
+    /// Units sorted by weight name.
+    pub units: Vec<Unit>,
+    /// Per unit, the recipe's intent.
+    pub intents: Vec<Intent>,
+    /// tensor name → (unit, is the companion).
+    lookup: HashMap<String, (u32, bool)>,
+    decided: Vec<Mutex<Option<Source>>>,
+    delta: f64,
+    metric: crate::recipe::Metric,
+}
+
+/// The units of a checkpoint: each `X_scale_inv` whose `X` exists joins `X`.
+pub fn units_of(models: &Models) -> Vec<Unit> {
+    let base = models.base();
+    let mut names: Vec<&str> = base.shards.iter().flat_map(|s| s.tensors.iter().map(|t| t.name.as_str())).collect();
+    names.sort_unstable();
+    let mut units = Vec::new();
+    for name in &names {
+        if let Some(w) = name.strip_suffix(SCALE_SUFFIX) {
+            if base.get(w).is_some() {
+                continue;
+            }
+        }
+        let scale = format!("{name}{SCALE_SUFFIX}");
+        let scale = base.get(&scale).map(|_| scale);
+        units.push(Unit { weight: name.to_string(), scale, group: Group::of(name), layer: layer_of(name) });
+    }
+    units
+}
+
+impl Plan {
+    /// Decides subset, rules and dtypes for every unit and checks that every selected unit can
+    /// be built: present in every model, same shape, mixable dtypes, consistent block scales.
+    pub fn new(recipe: &Recipe, models: &Models) -> Result<Plan> {
+        if models.list.len() != recipe.models() {
+            return Err(Error::BadRecipe { reason: "models do not match the recipe".into() });
+        }
+        let units = units_of(models);
+        let mut intents = Vec::with_capacity(units.len());
+        let mut lookup = HashMap::with_capacity(units.len() * 2);
+        for (i, u) in units.iter().enumerate() {
+            lookup.insert(u.weight.clone(), (i as u32, false));
+            if let Some(s) = &u.scale {
+                lookup.insert(s.clone(), (i as u32, true));
+            }
+            intents.push(intent(recipe, models, u)?);
+        }
+        let decided = units.iter().map(|_| Mutex::new(None)).collect();
+        Ok(Plan { units, intents, lookup, decided, delta: recipe.delta, metric: recipe.metric })
+    }
+
+    /// The unit a tensor belongs to, and whether it is the companion.
+    pub fn unit_of(&self, tensor: &str) -> Option<(usize, bool)> {
+        self.lookup.get(tensor).map(|&(u, s)| (u as usize, s))
+    }
+
+    /// Where unit `u`'s bytes come from; the first call for a selected unit computes (or looks
+    /// up) its δ statistic. Concurrent callers for one unit wait for a single computation.
+    pub fn source(&self, u: usize, models: &Models, stats: &StatsStore) -> Result<Source> {
+        let want = match self.intents.get(u) {
+            None | Some(Intent::Base) => return Ok(Source::Base),
+            Some(Intent::Selected(s)) => s,
+        };
+        let cell = self.decided.get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
+        let mut guard = cell.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
+        }
+        let stat = stats.max_over_parents(models, &self.units[u].weight, self.metric)?;
+        // NaN is never above δ: such units keep the base.
+        let s = if stat > self.delta { want.clone() } else { Source::Base };
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+}
+
+fn intent(recipe: &Recipe, models: &Models, u: &Unit) -> Result<Intent> {
+    if !recipe.selects(&u.weight, u.group) {
+        return Ok(Intent::Base);
+    }
+    let base = models.source(0, &u.weight)?;
+    if !base.info.dtype.is_mixable() {
+        return Ok(Intent::Base);
+    }
+    let w64 = recipe.weights_for(&u.weight);
+    let w: Vec<f32> = w64.iter().map(|&x| x as f32).collect();
+    if w.first() == Some(&1.0) && w.iter().skip(1).all(|&x| x == 0.0) {
+        return Ok(Intent::Base);
+    }
+    let mut srcs = Vec::with_capacity(w.len());
+    for i in 0..w.len() {
+        let s = models.source(i, &u.weight)?;
+        if !s.info.dtype.is_mixable() {
+            return Err(Error::UnsupportedDtype {
+                path: s.shard.path.clone(),
+                tensor: u.weight.clone(),
+                dtype: s.info.dtype.to_string(),
+            });
+        }
+        if s.info.dtype == DType::F8E4M3 && s.info.shape.len() != 2 && s.scale.is_some() {
+            return Err(Error::BadTensor {
+                path: s.shard.path.clone(),
+                tensor: u.weight.clone(),
+                reason: "FP8 weights with block scales must be 2-D".into(),
+            });
+        }
+        srcs.push(s);
+    }
+    let hot: Vec<usize> = (0..w.len()).filter(|&i| w[i] != 0.0).collect();
+    if let [k] = hot[..] {
+        let s = &srcs[k];
+        if w[k] == 1.0 && s.info.dtype == base.info.dtype && s.scale.is_some() == base.scale.is_some() {
+            return Ok(Intent::Selected(Source::Donor(k)));
+        }
+    }
+    Ok(Intent::Selected(Source::Mix(w.into())))
+}

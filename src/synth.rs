@@ -1,0 +1,356 @@
+//! Synthesis: the bytes of any range of any file of a child checkpoint.
+//!
+//! A child's shards have the base's headers, so every tensor sits at the base's offset. A read
+//! maps its range onto tensors; each tensor piece comes from the base, from a donor verbatim,
+//! or from computed chunks (for FP8, whole 128-row bands, since a block scale spans 128 rows).
+
+use std::cell::RefCell;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::cache::{Chunk, ChunkCache, ChunkKey};
+use crate::checkpoint::{Shard, TensorInfo};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernels::{self, FP8_BLOCK};
+use crate::models::Models;
+use crate::plan::{Plan, Source};
+use crate::recipe::{Recipe, RECIPE_FILE};
+use crate::stats::StatsStore;
+
+/// Default target size of a computed chunk, in output bytes.
+pub const DEFAULT_CHUNK_BYTES: usize = 4 << 20;
+
+/// The parents and everything shared by the children built from them.
+pub struct Engine {
+    /// Base and parents, opened and validated.
+    pub models: Models,
+    /// δ statistics, shared by every child.
+    pub stats: StatsStore,
+    /// Computed chunks, shared by every child.
+    pub cache: ChunkCache,
+    /// Target chunk size in output bytes.
+    pub chunk_bytes: usize,
+    next_variant: AtomicU32,
+}
+
+impl Engine {
+    /// Wraps opened models with a statistics store and a chunk cache of `cache_bytes`.
+    pub fn new(models: Models, stats_dir: Option<&std::path::Path>, cache_bytes: usize, chunk_bytes: usize) -> Engine {
+        let stats = StatsStore::new(&models, stats_dir);
+        Engine {
+            models,
+            stats,
+            cache: ChunkCache::new(cache_bytes),
+            chunk_bytes: chunk_bytes.max(1),
+            next_variant: AtomicU32::new(0),
+        }
+    }
+}
+
+/// What a file of the child is.
+#[derive(Clone, Debug)]
+pub enum FileKind {
+    /// Base shard `i`, synthesized.
+    Shard(usize),
+    /// A base file passed through.
+    Passthrough(PathBuf),
+    /// `aoe_recipe.json`.
+    Recipe,
+}
+
+/// One file of the child directory.
+#[derive(Clone, Debug)]
+pub struct ChildFile {
+    /// File name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Where its bytes come from.
+    pub kind: FileKind,
+}
+
+/// A child checkpoint: a recipe applied to an engine's models.
+pub struct Child {
+    /// The engine it reads from.
+    pub engine: Arc<Engine>,
+    /// Its recipe.
+    pub recipe: Recipe,
+    /// Its plan.
+    pub plan: Plan,
+    /// Its files, sorted by name.
+    pub files: Vec<ChildFile>,
+    recipe_bytes: Vec<u8>,
+    variant: u32,
+}
+
+/// How a unit is cut into chunks.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// Rows and columns of the weight's 2-D view.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Elements.
+    pub numel: usize,
+    /// Elements per chunk (whole 128-row bands when any model stores FP8).
+    pub per_chunk: usize,
+    /// Number of chunks.
+    pub chunks: usize,
+    /// Block rows per chunk (FP8 bands), else 0.
+    pub block_rows: usize,
+}
+
+impl Layout {
+    /// Element range of chunk `c`.
+    pub fn elements(&self, c: usize) -> (usize, usize) {
+        let e0 = c.saturating_mul(self.per_chunk).min(self.numel);
+        (e0, e0.saturating_add(self.per_chunk).min(self.numel))
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+impl Child {
+    /// Plans `recipe` over `engine`'s models (which must be the recipe's).
+    pub fn new(engine: Arc<Engine>, recipe: Recipe) -> Result<Child> {
+        let plan = Plan::new(&recipe, &engine.models)?;
+        let recipe_bytes = recipe.file_bytes();
+        let base = engine.models.base();
+        let mut files: Vec<ChildFile> = base
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ChildFile { name: s.name.clone(), size: s.size, kind: FileKind::Shard(i) })
+            .collect();
+        for name in &base.other_files {
+            if name == RECIPE_FILE {
+                continue;
+            }
+            let path = base.dir.join(name);
+            let size = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+            files.push(ChildFile { name: name.clone(), size, kind: FileKind::Passthrough(path) });
+        }
+        files.push(ChildFile { name: RECIPE_FILE.into(), size: recipe_bytes.len() as u64, kind: FileKind::Recipe });
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        let variant = engine.next_variant.fetch_add(1, Ordering::Relaxed);
+        Ok(Child { engine, recipe, plan, files, recipe_bytes, variant })
+    }
+
+    /// Opens the recipe's models and plans it: the one-call way to a child.
+    pub fn open(recipe: Recipe, stats_dir: Option<&std::path::Path>, cache_bytes: usize, chunk_bytes: usize) -> Result<Child> {
+        let models = Models::open(&recipe.base, &recipe.parents)?;
+        Child::new(Arc::new(Engine::new(models, stats_dir, cache_bytes, chunk_bytes)), recipe)
+    }
+
+    /// The file called `name`.
+    pub fn file(&self, name: &str) -> Option<usize> {
+        self.files.binary_search_by(|f| f.name.as_str().cmp(name)).ok()
+    }
+
+    /// The bytes of `aoe_recipe.json`.
+    pub fn recipe_bytes(&self) -> &[u8] {
+        &self.recipe_bytes
+    }
+
+    /// Reads file `file` at `offset` into `buf`; returns the bytes read (short only at EOF).
+    pub fn read(&self, file: usize, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let f = self.files.get(file).ok_or_else(|| Error::NoSuchFile { name: format!("#{file}") })?;
+        if offset >= f.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(f.size - offset) as usize;
+        let buf = &mut buf[..n];
+        match &f.kind {
+            FileKind::Recipe => {
+                let src = self.recipe_bytes.get(offset as usize..offset as usize + n).unwrap_or(&[]);
+                buf[..src.len()].copy_from_slice(src);
+                Ok(src.len())
+            }
+            FileKind::Passthrough(path) => {
+                let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+                file.read_exact_at(buf, offset).map_err(|e| Error::io(path, e))?;
+                Ok(n)
+            }
+            FileKind::Shard(s) => {
+                self.read_shard(*s, offset, buf)?;
+                Ok(n)
+            }
+        }
+    }
+
+    fn read_shard(&self, s: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let models = &self.engine.models;
+        let shard = models.base().shards.get(s).ok_or_else(|| Error::NoSuchFile { name: format!("shard #{s}") })?;
+        let end = offset + buf.len() as u64;
+        if offset < shard.header_len {
+            let h = shard.header();
+            let hi = end.min(shard.header_len) as usize;
+            buf[..hi - offset as usize].copy_from_slice(&h[offset as usize..hi]);
+        }
+        let first = shard.tensors.partition_point(|t| t.start + t.len <= offset);
+        for t in shard.tensors.iter().skip(first) {
+            if t.start >= end {
+                break;
+            }
+            let lo = offset.max(t.start);
+            let hi = end.min(t.start + t.len);
+            if hi <= lo {
+                continue;
+            }
+            let out = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
+            self.fill_tensor(shard, t, lo - t.start, out)?;
+        }
+        Ok(())
+    }
+
+    /// Fills `out` with the child's bytes of base tensor `t` from byte `at` of the tensor.
+    fn fill_tensor(&self, shard: &Shard, t: &TensorInfo, at: u64, out: &mut [u8]) -> Result<()> {
+        let models = &self.engine.models;
+        let (u, is_scale) = match self.plan.unit_of(&t.name) {
+            Some(x) => x,
+            None => return pread(shard, t.start + at, out, &t.name),
+        };
+        match self.plan.source(u, models, &self.engine.stats)? {
+            Source::Base => pread(shard, t.start + at, out, &t.name),
+            Source::Donor(k) => {
+                let ck = models.list.get(k).ok_or_else(|| Error::BadRecipe { reason: format!("no model {k}") })?;
+                let (ds, dt) =
+                    ck.get(&t.name).ok_or_else(|| Error::MissingTensor { parent: ck.dir.clone(), tensor: t.name.clone() })?;
+                if dt.len != t.len {
+                    return Err(Error::ShapeMismatch {
+                        parent: ck.dir.clone(),
+                        tensor: t.name.clone(),
+                        base: t.shape.clone(),
+                        other: dt.shape.clone(),
+                    });
+                }
+                pread(ds, dt.start + at, out, &t.name)
+            }
+            Source::Mix(w) => {
+                let lay = self.layout(u)?;
+                // Bytes per chunk in this tensor, and the chunk part holding them.
+                let span = if is_scale {
+                    (lay.block_rows * lay.cols.div_ceil(FP8_BLOCK) * 4) as u64
+                } else {
+                    (lay.per_chunk * t.dtype.size()) as u64
+                };
+                let mut pos = at;
+                let end = at + out.len() as u64;
+                while pos < end {
+                    let c = (pos / span) as usize;
+                    let chunk = self.chunk(u, c, &w)?;
+                    let part = if is_scale { &chunk.scales } else { &chunk.data };
+                    let from = (pos - c as u64 * span) as usize;
+                    let take = ((end - pos) as usize).min(part.len().saturating_sub(from));
+                    if take == 0 {
+                        return Err(Error::BadTensor {
+                            path: shard.path.clone(),
+                            tensor: t.name.clone(),
+                            reason: "computed chunk shorter than the tensor".into(),
+                        });
+                    }
+                    let o = (pos - at) as usize;
+                    out[o..o + take].copy_from_slice(&part[from..from + take]);
+                    pos += take as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// How unit `u` is cut into chunks.
+    pub fn layout(&self, u: usize) -> Result<Layout> {
+        let models = &self.engine.models;
+        let unit = self.plan.units.get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
+        let base = models.source(0, &unit.weight)?;
+        let (rows, cols) = base.info.rows_cols();
+        let numel = base.info.numel();
+        let banded = base.info.shape.len() == 2
+            && (0..models.list.len()).any(|i| models.source(i, &unit.weight).is_ok_and(|s| s.info.dtype == DType::F8E4M3));
+        let out_size = base.info.dtype.size().max(1);
+        let target = (self.engine.chunk_bytes / out_size).max(1);
+        let (per_chunk, block_rows) = if banded {
+            let band = FP8_BLOCK * cols.max(1);
+            let bands = (target / band).max(1);
+            (bands * band, bands)
+        } else {
+            (target, 0)
+        };
+        let chunks = numel.div_ceil(per_chunk).max(1);
+        Ok(Layout { rows, cols, numel, per_chunk, chunks, block_rows })
+    }
+
+    /// Chunk `c` of unit `u`, from the cache or computed.
+    pub fn chunk(&self, u: usize, c: usize, w: &[f32]) -> Result<Arc<Chunk>> {
+        let key = ChunkKey { variant: self.variant, unit: u as u32, chunk: c as u32 };
+        self.engine.cache.get_or_compute(key, || self.compute_chunk(u, c, w))
+    }
+
+    /// Whether chunk `c` of unit `u` is cached or being computed.
+    pub fn chunk_cached(&self, u: usize, c: usize) -> bool {
+        self.engine.cache.contains(&ChunkKey { variant: self.variant, unit: u as u32, chunk: c as u32 })
+    }
+
+    /// Computes chunk `c` of unit `u` with weights `w` (DESIGN §4).
+    pub fn compute_chunk(&self, u: usize, c: usize, w: &[f32]) -> Result<Chunk> {
+        let models = &self.engine.models;
+        let unit = self.plan.units.get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
+        let lay = self.layout(u)?;
+        let (e0, e1) = lay.elements(c);
+        let n = e1 - e0;
+        let cols = lay.cols.max(1);
+        let (r0, r1) = (e0 / cols, e1.div_ceil(cols));
+        let base = models.source(0, &unit.weight)?;
+        let out_dtype = base.info.dtype;
+        SCRATCH.with(|s| {
+            let (acc, scales, _) = &mut *s.borrow_mut();
+            acc.clear();
+            acc.resize(n, 0.0);
+            for (i, &wi) in w.iter().enumerate() {
+                let src = models.source(i, &unit.weight)?;
+                let bytes = src.elements(e0, e1)?;
+                if src.info.dtype == DType::F8E4M3 && src.scale.is_some() {
+                    src.scale_rows(r0 / FP8_BLOCK, r1.div_ceil(FP8_BLOCK), scales)?;
+                    kernels::accumulate(src.info.dtype, bytes, Some((scales, cols)), wi, acc, i == 0);
+                } else {
+                    kernels::accumulate(src.info.dtype, bytes, None, wi, acc, i == 0);
+                }
+                src.release(e0, e1);
+            }
+            let mut data = self.engine.cache.take_buffer(n * out_dtype.size());
+            data.resize(n * out_dtype.size(), 0);
+            let mut scale_bytes = Vec::new();
+            match (out_dtype, base.scale.is_some()) {
+                (DType::F8E4M3, true) => {
+                    let nb = (r1 - r0).div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK);
+                    scales.clear();
+                    scales.resize(nb, 0.0);
+                    kernels::quantize_fp8(acc, cols, &mut data, scales);
+                    scale_bytes = self.engine.cache.take_buffer(nb * 4);
+                    scale_bytes.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
+                }
+                (DType::F8E4M3, false) => {
+                    for (d, &x) in data.iter_mut().zip(acc.iter()) {
+                        *d = kernels::f32_to_fp8(x);
+                    }
+                }
+                (dt, _) => kernels::encode(dt, acc, &mut data),
+            }
+            Ok(Chunk { data, scales: scale_bytes })
+        })
+    }
+}
+
+/// Reads `out.len()` bytes of a shard at `pos` with pread: no mapping, so no RSS, and a file
+/// that shrank under us gives an error instead of SIGBUS.
+fn pread(shard: &Shard, pos: u64, out: &mut [u8], tensor: &str) -> Result<()> {
+    shard.file.read_exact_at(out, pos).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::ParentChanged { path: shard.path.clone(), tensor: tensor.to_string() },
+        _ => Error::io(&shard.path, e),
+    })
+}

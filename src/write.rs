@@ -1,0 +1,313 @@
+//! `aoe write`: materialize a child directory on disk.
+//!
+//! Every file is written under a temporary name beside its target and renamed once complete,
+//! so no file a parent has mapped is ever truncated or written, and an interrupted write leaves
+//! no half file under a real name.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use crate::checkpoint::{Shard, TensorInfo};
+use crate::error::{Error, Result};
+use crate::kernels::FP8_BLOCK;
+use crate::plan::Source;
+use crate::synth::{Child, FileKind};
+
+/// Options of a write.
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    /// Worker threads.
+    pub threads: usize,
+    /// Replace files in a non-empty OUT.
+    pub force: bool,
+    /// Called with (bytes done, bytes total) as work completes.
+    pub progress: Option<fn(u64, u64)>,
+}
+
+/// What a write did.
+#[derive(Clone, Debug, Default)]
+pub struct WriteReport {
+    /// Bytes written in all files.
+    pub bytes: u64,
+    /// Bytes computed (mixed units).
+    pub computed: u64,
+    /// Files written.
+    pub files: usize,
+}
+
+/// Refuses an OUT that is a parent, inside a parent, contains a parent, or is non-empty
+/// (unless `force`). Runs before anything is written.
+pub fn check_output(out: &Path, models: &[PathBuf], force: bool) -> Result<()> {
+    let bad = |reason: String| Error::BadOutput { path: out.to_path_buf(), reason };
+    let canon = canonical_target(out)?;
+    for m in models {
+        let m = m.canonicalize().unwrap_or_else(|_| m.clone());
+        if canon == m {
+            return Err(bad(format!("is a parent ({}); refusing to overwrite it", m.display())));
+        }
+        if canon.starts_with(&m) {
+            return Err(bad(format!("lies inside parent {}; choose a directory outside the parents", m.display())));
+        }
+        if m.starts_with(&canon) {
+            return Err(bad(format!("contains parent {}; choose a directory of its own", m.display())));
+        }
+    }
+    match std::fs::metadata(out) {
+        Ok(md) if !md.is_dir() => Err(bad("exists and is not a directory".into())),
+        Ok(_) => {
+            let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+            if entries.next().is_some() && !force {
+                Err(bad("is not empty (pass --force to replace the child's files in it)".into()))
+            } else {
+                Ok(())
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(out, e)),
+    }
+}
+
+/// The canonical path `out` names, whether or not it exists yet.
+fn canonical_target(out: &Path) -> Result<PathBuf> {
+    if let Ok(c) = out.canonicalize() {
+        return Ok(c);
+    }
+    let abs = std::path::absolute(out).map_err(|e| Error::io(out, e))?;
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(p), Some(n)) => {
+                rest.push(n.to_os_string());
+                existing = p;
+            }
+            _ => break,
+        }
+    }
+    let mut c = existing.canonicalize().map_err(|e| Error::io(existing, e))?;
+    for n in rest.into_iter().rev() {
+        c.push(n);
+    }
+    Ok(c)
+}
+
+/// One piece of work.
+enum Job {
+    /// Write bytes at an offset of a file.
+    Bytes { file: usize, at: u64, bytes: Vec<u8> },
+    /// Copy a file range.
+    Copy { file: usize, at: u64, src: PathBuf, from: u64, len: u64 },
+    /// A unit: decide its source, then copy or compute it.
+    Unit(usize),
+}
+
+/// Writes `child` into `out` (created if needed); `check_output` must have passed.
+pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<WriteReport> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.max(1))
+        .build()
+        .map_err(|e| Error::BadRecipe { reason: format!("cannot start threads: {e}") })?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tmp_of = |name: &str| out.join(format!(".{name}.aoe-tmp-{}", std::process::id()));
+    let mut outs = Vec::with_capacity(child.files.len());
+    let mut jobs = Vec::new();
+    let guard = TempFiles(child.files.iter().map(|f| tmp_of(&f.name)).collect());
+    let base = child.engine.models.base();
+    for (i, f) in child.files.iter().enumerate() {
+        let path = &guard.0[i];
+        let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        file.set_len(f.size).map_err(|e| Error::io(path, e))?;
+        outs.push(file);
+        match &f.kind {
+            FileKind::Recipe => jobs.push(Job::Bytes { file: i, at: 0, bytes: child.recipe_bytes().to_vec() }),
+            FileKind::Passthrough(src) => jobs.push(Job::Copy { file: i, at: 0, src: src.clone(), from: 0, len: f.size }),
+            FileKind::Shard(s) => {
+                if let Some(sh) = base.shards.get(*s) {
+                    jobs.push(Job::Bytes { file: i, at: 0, bytes: sh.header().to_vec() });
+                }
+            }
+        }
+    }
+    // Largest units first, so the pool drains evenly.
+    let mut units: Vec<(u64, usize)> = (0..child.plan.units.len())
+        .map(|u| (base.get(&child.plan.units[u].weight).map_or(0, |(_, t)| t.len), u))
+        .collect();
+    units.sort_unstable_by(|a, b| b.cmp(a));
+    jobs.extend(units.into_iter().map(|(_, u)| Job::Unit(u)));
+
+    let total: u64 = child.files.iter().map(|f| f.size).sum();
+    let done = AtomicU64::new(0);
+    let computed = AtomicU64::new(0);
+    let file_of_shard: Vec<usize> = base
+        .shards
+        .iter()
+        .map(|s| child.file(&s.name).unwrap_or(usize::MAX))
+        .collect();
+    let ctx = Ctx { child, outs: &outs, file_of_shard: &file_of_shard, done: &done, total, computed: &computed, progress: opts.progress };
+    pool.install(|| jobs.into_par_iter().try_for_each(|job| ctx.run(job)))?;
+
+    for (i, f) in child.files.iter().enumerate() {
+        let to = out.join(&f.name);
+        std::fs::rename(&guard.0[i], &to).map_err(|e| Error::io(&to, e))?;
+    }
+    std::mem::forget(guard);
+    child.engine.stats.flush()?;
+    Ok(WriteReport { bytes: total, computed: computed.load(Ordering::Relaxed), files: child.files.len() })
+}
+
+/// Removes temporary files if the write fails midway.
+struct TempFiles(Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+struct Ctx<'a> {
+    child: &'a Child,
+    outs: &'a [File],
+    file_of_shard: &'a [usize],
+    done: &'a AtomicU64,
+    total: u64,
+    computed: &'a AtomicU64,
+    progress: Option<fn(u64, u64)>,
+}
+
+impl Ctx<'_> {
+    fn advance(&self, n: u64) {
+        let d = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        if let Some(p) = self.progress {
+            p(d, self.total);
+        }
+    }
+
+    fn out(&self, file: usize) -> Result<&File> {
+        self.outs.get(file).ok_or_else(|| Error::NoSuchFile { name: format!("#{file}") })
+    }
+
+    fn run(&self, job: Job) -> Result<()> {
+        match job {
+            Job::Bytes { file, at, bytes } => {
+                self.out(file)?.write_all_at(&bytes, at).map_err(|e| Error::io(&self.child.files[file].name, e))?;
+                self.advance(bytes.len() as u64);
+            }
+            Job::Copy { file, at, src, from, len } => {
+                let s = File::open(&src).map_err(|e| Error::io(&src, e))?;
+                copy_range(&s, from, self.out(file)?, at, len).map_err(|e| Error::io(&src, e))?;
+                self.advance(len);
+            }
+            Job::Unit(u) => self.unit(u)?,
+        }
+        Ok(())
+    }
+
+    fn unit(&self, u: usize) -> Result<()> {
+        let child = self.child;
+        let models = &child.engine.models;
+        let base = models.base();
+        let unit = &child.plan.units[u];
+        let mut tensors: Vec<(&Shard, &TensorInfo)> = Vec::with_capacity(2);
+        for name in std::iter::once(&unit.weight).chain(unit.scale.iter()) {
+            tensors.push(base.get(name).ok_or_else(|| Error::MissingTensor { parent: base.dir.clone(), tensor: name.clone() })?);
+        }
+        let dst = |shard: &Shard| -> Result<usize> {
+            let i = base.shards.iter().position(|s| std::ptr::eq(s, shard)).unwrap_or(usize::MAX);
+            self.file_of_shard.get(i).copied().filter(|&f| f != usize::MAX).ok_or_else(|| Error::NoSuchFile { name: shard.name.clone() })
+        };
+        match child.plan.source(u, models, &child.engine.stats)? {
+            Source::Base => {
+                for (sh, t) in tensors {
+                    self.copy_tensor(sh, t, dst(sh)?, t.start)?;
+                }
+            }
+            Source::Donor(k) => {
+                let ck = &models.list[k];
+                for (sh, t) in tensors {
+                    let (ds, dt) = ck.get(&t.name).ok_or_else(|| Error::MissingTensor { parent: ck.dir.clone(), tensor: t.name.clone() })?;
+                    if dt.len != t.len {
+                        return Err(Error::ShapeMismatch { parent: ck.dir.clone(), tensor: t.name.clone(), base: t.shape.clone(), other: dt.shape.clone() });
+                    }
+                    self.copy_tensor(ds, dt, dst(sh)?, t.start)?;
+                }
+            }
+            Source::Mix(w) => {
+                let lay = child.layout(u)?;
+                let (wsh, wt) = tensors[0];
+                let wfile = dst(wsh)?;
+                let scale = tensors.get(1).map(|&(sh, t)| dst(sh).map(|f| (f, t))).transpose()?;
+                let scale_span = (lay.block_rows * lay.cols.div_ceil(FP8_BLOCK) * 4) as u64;
+                for c in 0..lay.chunks {
+                    let (e0, _) = lay.elements(c);
+                    let chunk = child.compute_chunk(u, c, &w)?;
+                    let at = wt.start + (e0 * wt.dtype.size()) as u64;
+                    self.out(wfile)?.write_all_at(&chunk.data, at).map_err(|e| Error::io(&wsh.name, e))?;
+                    let mut n = chunk.data.len() as u64;
+                    if let Some((sfile, st)) = scale {
+                        let at = st.start + c as u64 * scale_span;
+                        self.out(sfile)?.write_all_at(&chunk.scales, at).map_err(|e| Error::io(&st.name, e))?;
+                        n += chunk.scales.len() as u64;
+                    }
+                    self.computed.fetch_add(n, Ordering::Relaxed);
+                    self.advance(n);
+                    let crate::cache::Chunk { data, scales } = chunk;
+                    child.engine.cache.give_buffer(data);
+                    child.engine.cache.give_buffer(scales);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_tensor(&self, src: &Shard, t: &TensorInfo, file: usize, at: u64) -> Result<()> {
+        copy_range(&src.file, t.start, self.out(file)?, at, t.len).map_err(|e| Error::io(&src.path, e))?;
+        self.advance(t.len);
+        Ok(())
+    }
+}
+
+/// Copies `len` bytes with copy_file_range (in the kernel, no user-space buffer), falling back
+/// to pread/pwrite where the kernel refuses.
+fn copy_range(src: &File, from: u64, dst: &File, at: u64, len: u64) -> std::io::Result<()> {
+    let (mut off_in, mut off_out, mut left) = (from as i64, at as i64, len);
+    while left > 0 {
+        let want = left.min(1 << 30) as usize;
+        // SAFETY: valid fds and offset pointers for the duration of the call.
+        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::EINTR)) {
+                continue;
+            }
+            if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP)) {
+                return copy_buffered(src, off_in as u64, dst, off_out as u64, left);
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "source file is shorter than its header says"));
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn copy_buffered(src: &File, mut from: u64, dst: &File, mut at: u64, mut left: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; (left.min(8 << 20)) as usize];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], from)?;
+        dst.write_all_at(&buf[..n], at)?;
+        from += n as u64;
+        at += n as u64;
+        left -= n as u64;
+    }
+    Ok(())
+}

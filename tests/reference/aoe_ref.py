@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""Independent reference implementation of the Assembly-of-Experts child synthesis.
+
+Written from /work/shared/DESIGN.md sections 2-4 only (not from the Rust sources), so that
+the Rust tool can be checked byte for byte against it.  numpy + ml_dtypes + safetensors.
+
+CLI
+    aoe_ref.py write RECIPE.json OUT_DIR   write the child checkpoint directory (no aoe_recipe.json)
+    aoe_ref.py stats RECIPE.json           print {weight: {"stored": x, "dequantized": y}} as JSON
+    aoe_ref.py dump DIR OUT.json [--raw]   {name: {dtype, shape, sha256}} of every tensor of DIR,
+                                           read with safetensors.safe_open(framework="np")
+                                           (--raw: parse the headers ourselves instead)
+
+Semantics (DESIGN §4):
+  unit = base weight W + its companion W_scale_inv when the base has one; group, subset, delta
+  and rules are decided on W's name.  Not selected / non-float base dtype / not (stat > delta)
+  -> base bytes.  One weight exactly 1.0 and the others 0.0 and that model stores the unit in
+  the base's dtypes -> that model's bytes.  Otherwise f32: dequantize, acc = w1*D1; acc = acc +
+  w2*D2; ..., then back to the base dtype (FP8: per-128x128-block requantization).
+"""
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+
+import numpy as np
+import ml_dtypes
+
+if sys.byteorder != "little":  # raw bytes below are produced with native-order tobytes()
+    raise SystemExit("aoe_ref.py assumes a little-endian host")
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+E5M2 = np.dtype(ml_dtypes.float8_e5m2)
+
+NP_DTYPES = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "BF16": BF16,
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "F8_E4M3": E4M3,
+    "F8_E5M2": E5M2,
+}
+# base dtypes that are ever interpolated
+INTERP_DTYPES = ("BF16", "F16", "F32", "F8_E4M3")
+# dtypes whose values can be read as floats (for the delta statistic / stats command)
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+
+SCALE_SUFFIX = "_scale_inv"
+BLOCK = 128
+FP8_MAX = np.float32(448.0)
+
+# DESIGN §2 table, in order; first match wins (re.search on the weight's name).
+GROUPS = [
+    ("experts", r"\.(mlp|block_sparse_moe)\.experts\.\d+\."),
+    ("shared-experts", r"\.mlp\.shared_experts\."),
+    ("router", r"\.(mlp|block_sparse_moe)\.gate\.(weight|e_score_correction_bias)$"),
+    ("norms", r"norm\.weight$"),
+    ("attention", r"\.self_attn\."),
+    ("dense-mlp", r"\.mlp\.(gate|up|down)_proj\."),
+    ("embeddings", r"(embed_tokens|lm_head|shared_head\.head)\.weight$"),
+]
+GROUP_NAMES = [g for g, _ in GROUPS] + ["other"]
+
+
+def group_of(name):
+    for g, pat in GROUPS:
+        if re.search(pat, name):
+            return g
+    return "other"
+
+
+class RefError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors parsing (our own)
+
+
+def parse_header(path):
+    """-> (header_bytes incl. the 8-byte length, {name: (dtype, shape, abs_start, abs_end)})."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise RefError(f"{path}: file shorter than 8 bytes")
+        (n,) = struct.unpack("<Q", head)
+        size = os.fstat(f.fileno()).st_size
+        if 8 + n > size:
+            raise RefError(f"{path}: header length {n} beyond file size {size}")
+        hjson = f.read(n)
+    try:
+        hdr = json.loads(hjson.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001
+        raise RefError(f"{path}: bad header JSON: {e}")
+    if not isinstance(hdr, dict):
+        raise RefError(f"{path}: header is not an object")
+    tensors = {}
+    for name, info in hdr.items():
+        if name == "__metadata__":
+            continue
+        dtype = info["dtype"]
+        shape = tuple(int(x) for x in info["shape"])
+        s, e = (int(x) for x in info["data_offsets"])
+        if not (0 <= s <= e) or 8 + n + e > size:
+            raise RefError(f"{path}: {name}: bad data_offsets {s},{e}")
+        if dtype in NP_DTYPES:
+            want = math.prod(shape) * NP_DTYPES[dtype].itemsize
+            if e - s != want:
+                raise RefError(f"{path}: {name}: {e - s} bytes for {dtype}{list(shape)}")
+        tensors[name] = (dtype, shape, 8 + n + s, 8 + n + e)
+    return head + hjson, tensors
+
+
+class Checkpoint:
+    """A checkpoint directory: model.safetensors.index.json (weight_map) or model.safetensors."""
+
+    def __init__(self, d):
+        self.dir = os.path.abspath(d)
+        idx = os.path.join(self.dir, "model.safetensors.index.json")
+        if os.path.isfile(idx):
+            with open(idx) as f:
+                wm = json.load(f)["weight_map"]
+            self.index_file = "model.safetensors.index.json"
+        elif os.path.isfile(os.path.join(self.dir, "model.safetensors")):
+            wm = None
+            self.index_file = None
+        else:
+            raise RefError(f"{d}: neither model.safetensors.index.json nor model.safetensors")
+        shard_names = sorted(set(wm.values())) if wm is not None else ["model.safetensors"]
+        self.shards = {}  # shard file name -> (header bytes, tensors)
+        for s in shard_names:
+            self.shards[s] = parse_header(os.path.join(self.dir, s))
+        # name -> (shard, dtype, shape, start, end)
+        self.tensors = {}
+        if wm is not None:
+            for name, s in wm.items():
+                t = self.shards[s][1].get(name)
+                if t is None:
+                    raise RefError(f"{d}: index maps {name} to {s}, which does not hold it")
+                self.tensors[name] = (s,) + t
+        # tensors present in a shard header but absent from the index: still reachable by name
+        seen = {}
+        for s, (_, ts) in self.shards.items():
+            for name, t in ts.items():
+                if name in self.tensors:
+                    continue
+                if name in seen:
+                    raise RefError(f"{d}: {name} in two shards and not in the index")
+                seen[name] = (s,) + t
+        self.tensors.update(seen)
+        self._maps = {}
+
+    def has(self, name):
+        return name in self.tensors
+
+    def dtype(self, name):
+        return self.tensors[name][1]
+
+    def shape(self, name):
+        return self.tensors[name][2]
+
+    def raw(self, name):
+        s, _, _, a, b = self.tensors[name]
+        if a == b:
+            return b""
+        m = self._maps.get(s)
+        if m is None:
+            m = np.memmap(os.path.join(self.dir, s), dtype=np.uint8, mode="r")
+            self._maps[s] = m
+        return m[a:b].tobytes()
+
+    def array(self, name):
+        dt = self.dtype(name)
+        if dt not in NP_DTYPES:
+            raise RefError(f"{self.dir}: {name}: unsupported dtype {dt}")
+        return np.frombuffer(self.raw(name), dtype=NP_DTYPES[dt]).reshape(self.shape(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# recipe
+
+
+class Recipe:
+    def __init__(self, path):
+        with open(path) as f:
+            r = json.load(f)
+        self.base = r["base"]
+        self.parents = list(r.get("parents", []))
+        self.n = 1 + len(self.parents)
+        self.weights = self._weights(r["weights"], "weights")
+        self.delta = float(r.get("delta", 0.0))
+        subset = r.get("subset", ["full"])
+        if isinstance(subset, str):
+            subset = [subset]
+        self.full = False
+        self.groups = set()
+        self.regexes = []
+        for s in subset:
+            if s == "full":
+                self.full = True
+            elif s.startswith("re:"):
+                self.regexes.append(re.compile(s[3:]))
+            elif s in GROUP_NAMES:
+                self.groups.add(s)
+            else:
+                raise RefError(f"unknown subset element {s!r}")
+        self.rules = []
+        for rule in r.get("rules", []) or []:
+            self.rules.append((re.compile(rule["pattern"]), self._weights(rule["weights"], "rule")))
+        self.metric = r.get("metric", "stored")
+        if self.metric not in ("stored", "dequantized"):
+            raise RefError(f"unknown metric {self.metric!r}")
+
+    def _weights(self, ws, what):
+        if len(ws) != self.n:
+            raise RefError(f"{what}: {len(ws)} weights for {self.n} models")
+        return [np.float32(float(w)) for w in ws]  # converted to f32 once
+
+    def selected(self, w):
+        if self.full:
+            return True
+        if group_of(w) in self.groups:
+            return True
+        return any(rx.search(w) for rx in self.regexes)
+
+    def weights_for(self, w):
+        for rx, ws in self.rules:
+            if rx.search(w):
+                return ws
+        return self.weights
+
+
+# ---------------------------------------------------------------------------------------------
+# codecs
+
+
+def expand_scales(scale, r, c):
+    return np.repeat(np.repeat(scale, BLOCK, axis=0), BLOCK, axis=1)[:r, :c]
+
+
+def scale_shape(shape):
+    r, c = shape
+    return (-(-r // BLOCK), -(-c // BLOCK))
+
+
+def stored_f64(m, w):
+    """Stored values as f64: FP8 codes without scales, other floats as they are."""
+    dt = m.dtype(w)
+    if dt not in FLOAT_DTYPES:
+        raise RefError(f"{m.dir}: {w}: dtype {dt} has no float value")
+    return m.array(w).astype(np.float64)
+
+
+def dequant_f32(m, w):
+    """Dequantized values in f32: FP8 code x its block scale (one f32 multiply); else value."""
+    dt = m.dtype(w)
+    if dt not in FLOAT_DTYPES:
+        raise RefError(f"{m.dir}: {w}: dtype {dt} cannot be dequantized")
+    a = m.array(w).astype(np.float32)
+    comp = w + SCALE_SUFFIX
+    if dt == "F8_E4M3" and m.has(comp):
+        if a.ndim != 2:
+            raise RefError(f"{m.dir}: {w}: FP8 weight with scales must be 2-D, is {a.shape}")
+        if m.shape(comp) != scale_shape(a.shape):
+            raise RefError(f"{m.dir}: {comp}: shape {m.shape(comp)} for weight {a.shape}")
+        s = m.array(comp).astype(np.float32)
+        a = np.multiply(a, expand_scales(s, *a.shape), dtype=np.float32)
+    return a
+
+
+def requant_fp8(acc):
+    """f32 2-D -> (e4m3fn codes bytes, f32 scales bytes), per 128x128 block."""
+    r, c = acc.shape
+    R, C = scale_shape(acc.shape)
+    pad = np.zeros((R * BLOCK, C * BLOCK), dtype=np.float32)
+    pad[:r, :c] = acc  # zero padding never raises a block's max |x|; NaN still propagates
+    amax = np.max(np.abs(pad).reshape(R, BLOCK, C, BLOCK), axis=(1, 3))
+    scale = np.divide(amax, FP8_MAX, dtype=np.float32)
+    scale = np.where(amax == 0, np.float32(1.0), scale).astype(np.float32)
+    q = np.divide(acc, expand_scales(scale, r, c), dtype=np.float32)
+    codes = q.astype(E4M3)
+    return codes.tobytes(), scale.astype("<f4").tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# synthesis
+
+
+class Synth:
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.models = [Checkpoint(recipe.base)] + [Checkpoint(p) for p in recipe.parents]
+        self.base = self.models[0]
+        names = set(self.base.tensors)
+        self.companions = {n for n in names if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in names}
+        self.units = sorted(names - self.companions)
+
+    def companion(self, w):
+        c = w + SCALE_SUFFIX
+        return c if c in self.companions else None
+
+    def check_shapes(self, w):
+        shp = self.base.shape(w)
+        for m in self.models[1:]:
+            if not m.has(w):
+                raise RefError(f"{m.dir}: missing tensor {w}")
+            if m.shape(w) != shp:
+                raise RefError(f"{w}: shape {m.shape(w)} in {m.dir}, {shp} in the base")
+
+    def stat(self, w, metric):
+        """max over donors of sqrt(sum (a-b)^2)/sqrt(numel), f64; NaN if there is no donor."""
+        self.check_shapes(w)
+        with np.errstate(all="ignore"):
+            if metric == "stored":
+                a = stored_f64(self.base, w)
+            else:
+                a = dequant_f32(self.base, w).astype(np.float64)
+            numel = a.size
+            vals = []
+            for m in self.models[1:]:
+                b = stored_f64(m, w) if metric == "stored" else dequant_f32(m, w).astype(np.float64)
+                d = a - b
+                s = float(np.sum(d * d, dtype=np.float64))
+                vals.append(math.sqrt(s) / math.sqrt(numel) if numel else float("nan"))
+        if not vals:
+            return float("nan")
+        # max with NaN propagation, like np.max: any NaN donor makes the unit "not above delta"
+        return float("nan") if any(math.isnan(v) for v in vals) else max(vals)
+
+    def unit(self, w):
+        """-> {tensor name: bytes} for W and its companion (if the base has one)."""
+        base = self.base
+        comp = self.companion(w)
+        out = {w: base.raw(w)}
+        if comp:
+            out[comp] = base.raw(comp)
+        dt = base.dtype(w)
+        rc = self.recipe
+        if dt not in INTERP_DTYPES or not rc.selected(w):
+            return out
+        stat = self.stat(w, rc.metric)
+        if not (stat > rc.delta):
+            return out
+        ws = rc.weights_for(w)
+        ones = [i for i, x in enumerate(ws) if x == np.float32(1.0)]
+        zeros = [i for i, x in enumerate(ws) if x == np.float32(0.0)]
+        if len(ones) == 1 and len(zeros) == len(ws) - 1:
+            m = self.models[ones[0]]
+            same = m.dtype(w) == dt
+            if comp:
+                same = same and m.has(comp) and m.dtype(comp) == base.dtype(comp) \
+                    and m.shape(comp) == base.shape(comp)
+            if same:
+                out = {w: m.raw(w)}
+                if comp:
+                    out[comp] = m.raw(comp)
+                return out
+        with np.errstate(all="ignore"):
+            acc = None
+            for x, m in zip(ws, self.models):
+                p = np.multiply(x, dequant_f32(m, w), dtype=np.float32)
+                acc = p if acc is None else np.add(acc, p, dtype=np.float32)
+            if dt == "BF16":
+                out[w] = acc.astype(BF16).tobytes()
+            elif dt == "F16":
+                out[w] = acc.astype(np.float16).tobytes()
+            elif dt == "F32":
+                out[w] = acc.astype("<f4").tobytes()
+            elif dt == "F8_E4M3" and comp:
+                if acc.ndim != 2:
+                    raise RefError(f"{w}: FP8 weight with scales must be 2-D")
+                if base.dtype(comp) != "F32" or base.shape(comp) != scale_shape(acc.shape):
+                    raise RefError(f"{comp}: base scales must be F32 {scale_shape(acc.shape)}")
+                out[w], out[comp] = requant_fp8(acc)
+            elif dt == "F8_E4M3":
+                out[w] = acc.astype(E4M3).tobytes()  # no companion: scale 1, plain RNE cast
+            else:  # pragma: no cover
+                raise AssertionError(dt)
+        for n, b in out.items():
+            t = base.tensors[n]
+            assert len(b) == t[4] - t[3], (n, len(b), t)
+        return out
+
+
+def cmd_write(recipe_path, out_dir):
+    rc = Recipe(recipe_path)
+    sy = Synth(rc)
+    base = sy.base
+    os.makedirs(out_dir, exist_ok=True)
+    # pass-through files: every regular top-level file of the base that is not a shard
+    for f in sorted(os.listdir(base.dir)):
+        p = os.path.join(base.dir, f)
+        if f in base.shards or f == "aoe_recipe.json" or not os.path.isfile(p):
+            continue
+        shutil.copyfile(p, os.path.join(out_dir, f))
+    # shards: the base file (same header bytes, same layout), then every tensor overwritten
+    handles = {}
+    for s in base.shards:
+        dst = os.path.join(out_dir, s)
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        shutil.copyfile(os.path.join(base.dir, s), dst)
+        handles[s] = open(dst, "r+b")
+    try:
+        for w in sy.units:
+            for n, b in sy.unit(w).items():
+                s, _, _, a, e = base.tensors[n]
+                fh = handles[s]
+                fh.seek(a)
+                fh.write(b)
+    finally:
+        for fh in handles.values():
+            fh.close()
+    for s, (hdr, _) in base.shards.items():  # sanity: headers untouched
+        with open(os.path.join(out_dir, s), "rb") as f:
+            assert f.read(len(hdr)) == hdr
+
+
+def _jnum(v):
+    if v is None:
+        return None
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    return v
+
+
+def cmd_stats(recipe_path):
+    rc = Recipe(recipe_path)
+    sy = Synth(rc)
+    res = {}
+    for w in sy.units:
+        row = {}
+        for metric in ("stored", "dequantized"):
+            try:
+                if sy.base.dtype(w) not in FLOAT_DTYPES:
+                    raise RefError("not a float tensor")
+                row[metric] = _jnum(sy.stat(w, metric))
+            except (RefError, KeyError):
+                row[metric] = None
+        res[w] = row
+    json.dump(res, sys.stdout, indent=1, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _shard_files(d):
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    idx = os.path.join(d, "model.safetensors.index.json")
+    if os.path.isfile(idx):
+        with open(idx) as f:
+            wanted = set(json.load(f)["weight_map"].values())
+        files = [f for f in files if f in wanted]
+    return files
+
+
+def cmd_dump(d, out_path, raw=False):
+    res = {}
+    if raw:
+        for fn in _shard_files(d):
+            _, ts = parse_header(os.path.join(d, fn))
+            with open(os.path.join(d, fn), "rb") as f:
+                for name in sorted(ts):
+                    dt, shape, a, b = ts[name]
+                    f.seek(a)
+                    data = f.read(b - a)
+                    if name in res:
+                        raise RefError(f"{name} in two files")
+                    res[name] = {"dtype": dt, "shape": list(shape),
+                                 "sha256": hashlib.sha256(data).hexdigest()}
+    else:
+        # safetensors' numpy path resolves dtypes by numpy attribute name
+        np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
+        np.float8_e5m2 = ml_dtypes.float8_e5m2
+        if not hasattr(np, "bfloat16"):
+            np.bfloat16 = ml_dtypes.bfloat16
+        from safetensors import safe_open
+
+        for fn in _shard_files(d):
+            with safe_open(os.path.join(d, fn), framework="np") as f:
+                for name in sorted(f.keys()):
+                    dt = f.get_slice(name).get_dtype()
+                    t = f.get_tensor(name)
+                    if t.dtype.byteorder == ">":
+                        t = t.byteswap().view(t.dtype.newbyteorder("<"))
+                    if name in res:
+                        raise RefError(f"{name} in two files")
+                    res[name] = {"dtype": dt, "shape": list(t.shape),
+                                 "sha256": hashlib.sha256(np.ascontiguousarray(t).tobytes()).hexdigest()}
+    with open(out_path, "w") as f:
+        json.dump(res, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def main(argv):
+    usage = ("usage: aoe_ref.py write RECIPE.json OUT_DIR | stats RECIPE.json | "
+             "dump DIR OUT.json [--raw]")
+    if len(argv) < 2:
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        if argv[1] == "write" and len(argv) == 4:
+            cmd_write(argv[2], argv[3])
+        elif argv[1] == "stats" and len(argv) == 3:
+            cmd_stats(argv[2])
+        elif argv[1] == "dump" and len(argv) in (4, 5):
+            raw = len(argv) == 5
+            if raw and argv[4] != "--raw":
+                print(usage, file=sys.stderr)
+                return 2
+            cmd_dump(argv[2], argv[3], raw)
+        else:
+            print(usage, file=sys.stderr)
+            return 2
+    except RefError as e:
+        print(f"aoe_ref.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
