@@ -365,3 +365,69 @@ pub fn parse_header(path: &Path, buf: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
     let tensors = order.into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect();
     Ok((header_len, tensors))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.resize(v.len() + data, 0);
+        v
+    }
+
+    fn err(buf: &[u8]) -> String {
+        parse_header(Path::new("x.safetensors"), buf).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn valid_header_parses_in_data_order() {
+        let h = r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"BF16","shape":[2,3],"data_offsets":[4,16]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let (len, ts) = parse_header(Path::new("x"), &file(h, 16)).unwrap();
+        assert_eq!(len, 8 + h.len() as u64);
+        assert_eq!(ts.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(ts[1].start, len + 4);
+        assert_eq!(ts[1].rows_cols(), (2, 3));
+    }
+
+    #[test]
+    fn malformed_headers_are_refused_with_the_reason() {
+        assert!(err(&[1, 2, 3]).contains("shorter than the 8-byte length prefix"));
+        assert!(err(&u64::MAX.to_le_bytes()).contains("exceeds the limit"));
+        assert!(err(&file("{}", 0)[..9]).contains("runs past the end"));
+        let mut bad_utf8 = file("{\"a\"}", 0);
+        bad_utf8[9] = 0xff;
+        assert!(err(&bad_utf8).contains("not UTF-8"));
+        assert!(err(&file("{nope", 0)).contains("not JSON"));
+        assert!(err(&file("[1]", 0)).contains("start with"));
+        let t = |s: &str, d| err(&file(s, d));
+        assert!(t(r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#, 1).contains("unknown dtype"));
+        assert!(t(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4).contains("needs 8 bytes"));
+        assert!(t(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 2).contains("run past the data"));
+        assert!(t(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#, 4).contains("end before"));
+        assert!(t(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 8).contains("file holds 8"));
+        let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        assert!(t(overlap, 8).contains("overlaps"));
+        let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+        assert!(t(gap, 12).contains("gap"));
+        let huge = r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#;
+        assert!(t(huge, 4).contains("overflows"));
+        assert!(t(r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, 4).contains("non-negative"));
+        assert!(t(r#"{"__metadata__":{"k":1}}"#, 0).contains("__metadata__"));
+    }
+
+    #[test]
+    fn directories_without_checkpoints_are_named() {
+        let d = std::env::temp_dir().join(format!("aoe-ck-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        assert!(matches!(Checkpoint::open(&d), Err(Error::NoCheckpoint { .. })));
+        assert!(matches!(Checkpoint::open(&d.join("missing")), Err(Error::Io { .. })));
+        std::fs::write(d.join(INDEX_NAME), r#"{"weight_map":{"a":"../etc/passwd"}}"#).unwrap();
+        assert!(matches!(Checkpoint::open(&d), Err(Error::BadShardName { .. })));
+        std::fs::write(d.join(INDEX_NAME), r#"{"weight_map":{"a":"s.safetensors"}}"#).unwrap();
+        std::fs::write(d.join("s.safetensors"), file(r#"{"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 4)).unwrap();
+        assert!(matches!(Checkpoint::open(&d), Err(Error::IndexMismatch { .. })));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -26,7 +26,7 @@ pub struct RecipeArgs {
     #[arg(long, value_name = "W1,W2,...", value_delimiter = ',', allow_negative_numbers = true)]
     pub weights: Option<Vec<f64>>,
     /// Mix a selected tensor only if its normalized difference to the base exceeds D [default: 0].
-    #[arg(long, value_name = "D")]
+    #[arg(long, value_name = "D", allow_negative_numbers = true)]
     pub delta: Option<f64>,
     /// Tensors to mix: full, experts, shared-experts, router, norms, attention, dense-mlp,
     /// embeddings, other, or re:REGEX; repeat for a union [default: full].
@@ -47,12 +47,13 @@ pub struct RecipeArgs {
 }
 
 impl RecipeArgs {
-    /// The spec these flags describe, over the `--recipe` file if one is given.
+    /// The spec these flags describe, layered: configured defaults (the config file, then
+    /// `AOE_BASE` / `AOE_PARENTS`), then the `--recipe` file, then the flags.
     pub fn spec(&self) -> Result<RecipeSpec> {
-        let file = match &self.recipe {
-            Some(p) => RecipeSpec::from_file(p)?,
-            None => RecipeSpec::default(),
-        };
+        let mut file = configured_defaults()?;
+        if let Some(p) = &self.recipe {
+            file = file.merge(RecipeSpec::from_file(p)?);
+        }
         let flags = RecipeSpec {
             base: self.base.clone(),
             parents: (!self.parents.is_empty()).then(|| self.parents.clone()),
@@ -71,6 +72,30 @@ impl RecipeArgs {
     pub fn resolve(&self) -> Result<Recipe> {
         self.spec()?.resolve()
     }
+}
+
+/// The configuration file: `$XDG_CONFIG_HOME/aoe/config.json` or `~/.config/aoe/config.json`,
+/// a recipe JSON whose fields (typically `base` and `parents`) act as defaults.
+pub fn config_path() -> Option<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        return Some(PathBuf::from(x).join("aoe").join("config.json"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config").join("aoe").join("config.json"))
+}
+
+/// Defaults from the config file, overridden by `AOE_BASE` and `AOE_PARENTS` (colon-separated).
+fn configured_defaults() -> Result<RecipeSpec> {
+    let mut spec = match config_path() {
+        Some(p) if p.is_file() => RecipeSpec::from_file(&p)?,
+        _ => RecipeSpec::default(),
+    };
+    if let Some(b) = std::env::var_os("AOE_BASE").filter(|x| !x.is_empty()) {
+        spec.base = Some(PathBuf::from(b));
+    }
+    if let Some(p) = std::env::var_os("AOE_PARENTS").filter(|x| !x.is_empty()) {
+        spec.parents = Some(std::env::split_paths(&p).collect());
+    }
+    Ok(spec)
 }
 
 /// A byte progress bar on stderr, drawn only when stderr is a terminal.

@@ -28,11 +28,19 @@
 //! * FP8 block `amax` is the largest `|x|` bit pattern of the block (`bits & 0x7fff_ffff`), so any
 //!   NaN makes the amax NaN (np.max semantics); if a block holds several NaNs the amax is the one
 //!   with the largest payload. `scale = amax / 448` (then NaN too), `scale = 1` where amax == 0.
-//! * NaN signs and payloads through `+`, `*`, `/` are whatever the hardware does with the single
-//!   NaN operand (x86 and ARM both return it quieted); the encoders then apply the rules above.
+//! * NaN signs and payloads are pinned wherever they can reach the output bytes: an operation
+//!   with one NaN operand returns it (quieted, as all IEEE hardware does); where both operands
+//!   may be NaN the FIRST operand's NaN wins, explicitly (`acc + w·d` keeps `acc`'s NaN,
+//!   `code × scale` keeps the code's NaN, `acc / scale` keeps `acc`'s; this is what x86
+//!   `addps/mulps/divps a, b` and so numpy do), so LLVM's freedom to swap the operands of `+`/`*`
+//!   cannot change a bit. Weights are assumed not NaN. A NaN made from non-NaN operands (inf −
+//!   inf, 0 × inf, inf / inf) is the hardware's default NaN (x86: negative, `0xffc0_0000`).
+//!   The encoders then apply the rules above (BF16 keeps only the sign, FP8 the sign, F16 sign
+//!   and payload).
 //! * [`sum_sq_diff`] sums `d*d` (d = a−b in f64) into 8 f64 lanes by *global* element index mod
 //!   8, combined as `((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))`, on every machine and SIMD level;
-//!   [`SqDiffAcc`] keeps that order across chunks of any size.
+//!   [`SqDiffAcc`] keeps that order across chunks of any size. A NaN sum is returned as the
+//!   canonical `f64::NAN` (its payload would otherwise depend on operand order).
 //!
 //! # Dispatch
 //!
@@ -229,38 +237,51 @@ pub fn available_levels() -> Vec<SimdLevel> {
     v
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
+/// Defines `fn $name(level: SimdLevel, args..)` that runs `$body` compiled for that level: the
+/// body is an `#[inline(always)]` function called from two `#[target_feature]` wrappers
+/// (AVX-512, AVX2) and directly (portable), so LLVM vectorizes one copy per instruction set.
+/// A level the CPU lacks falls back to the portable copy.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name(level: SimdLevel, $($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp($($a: $t),*) $(-> $r)? $body
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn v512($($a: $t),*) $(-> $r)? {
+                imp($($a),*)
+            }
 
-/// Runs `f` compiled for `level` (the closure is inlined into a function with those target
-/// features, so LLVM vectorizes it for them). A level the CPU lacks falls back to portable.
-#[inline(always)]
-fn run<R>(level: SimdLevel, f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        match level {
-            SimdLevel::Avx512 if best_level() == SimdLevel::Avx512 => {
-                // SAFETY: the CPU supports AVX-512 F/BW/VL and AVX2 (checked just above).
-                return unsafe { with_avx512(f) };
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn v256($($a: $t),*) $(-> $r)? {
+                imp($($a),*)
             }
-            SimdLevel::Avx2 if best_level() != SimdLevel::Portable => {
-                // SAFETY: the CPU supports AVX2 (checked just above).
-                return unsafe { with_avx2(f) };
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                match level {
+                    SimdLevel::Avx512 if best_level() == SimdLevel::Avx512 => {
+                        // SAFETY: the CPU has AVX-512 F/BW/VL and AVX2 (checked just above).
+                        return unsafe { v512($($a),*) };
+                    }
+                    SimdLevel::Avx2 if best_level() != SimdLevel::Portable => {
+                        // SAFETY: the CPU has AVX2 (checked just above).
+                        return unsafe { v256($($a),*) };
+                    }
+                    _ => {}
+                }
             }
-            _ => {}
+            let _ = level;
+            imp($($a),*)
         }
-    }
-    let _ = level;
-    f()
+    };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,13 +291,34 @@ fn run<R>(level: SimdLevel, f: impl FnOnce() -> R) -> R {
 /// Lanes per chunk of the vectorizable loops.
 const L: usize = 16;
 
+// Every loop below works on whole chunks of L elements held in fixed-size arrays (`&[u8; 32]`,
+// `[f32; 16]`, ...): with the lengths known, LLVM drops the bounds checks and turns each chunk
+// into a few vector instructions (one `vpmovzxwd` load per BF16 chunk with AVX-512). A tail
+// shorter than L is padded into a local chunk, run through the same code, and copied back.
+
+/// The `&[T; N]` view of a slice of exactly N elements (the callers guarantee the length).
+#[inline(always)]
+fn arr<T, const N: usize>(c: &[T]) -> &[T; N] {
+    c.try_into().expect("chunk length")
+}
+
+#[inline(always)]
+fn arr_mut<T, const N: usize>(c: &mut [T]) -> &mut [T; N] {
+    c.try_into().expect("chunk length")
+}
+
+/// A stored dtype read as f32, a chunk of L elements at a time.
 trait Dec {
     const SIZE: usize;
-    fn get(c: &[u8], j: usize) -> f32;
+    /// `c` holds exactly `L * SIZE` bytes.
+    fn chunk(c: &[u8]) -> [f32; L];
 }
+
+/// f32 written as a stored dtype, a chunk of L elements at a time.
 trait Enc {
     const SIZE: usize;
-    fn put(o: &mut [u8], j: usize, x: f32);
+    /// `o` holds exactly `L * SIZE` bytes.
+    fn put_chunk(o: &mut [u8], v: &[f32; L]);
 }
 
 struct Bf16;
@@ -287,81 +329,133 @@ struct Fp8;
 impl Dec for Bf16 {
     const SIZE: usize = 2;
     #[inline(always)]
-    fn get(c: &[u8], j: usize) -> f32 {
-        bf16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]]))
+    fn chunk(c: &[u8]) -> [f32; L] {
+        let c: &[u8; 2 * L] = arr(c);
+        std::array::from_fn(|j| bf16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]])))
     }
 }
 impl Dec for F16 {
     const SIZE: usize = 2;
     #[inline(always)]
-    fn get(c: &[u8], j: usize) -> f32 {
-        f16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]]))
+    fn chunk(c: &[u8]) -> [f32; L] {
+        let c: &[u8; 2 * L] = arr(c);
+        std::array::from_fn(|j| f16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]])))
     }
 }
 impl Dec for F32 {
     const SIZE: usize = 4;
     #[inline(always)]
-    fn get(c: &[u8], j: usize) -> f32 {
-        f32::from_le_bytes([c[4 * j], c[4 * j + 1], c[4 * j + 2], c[4 * j + 3]])
+    fn chunk(c: &[u8]) -> [f32; L] {
+        let c: &[u8; 4 * L] = arr(c);
+        std::array::from_fn(|j| {
+            f32::from_le_bytes([c[4 * j], c[4 * j + 1], c[4 * j + 2], c[4 * j + 3]])
+        })
     }
 }
 impl Dec for Fp8 {
     const SIZE: usize = 1;
     #[inline(always)]
-    fn get(c: &[u8], j: usize) -> f32 {
-        fp8_to_f32(c[j])
+    fn chunk(c: &[u8]) -> [f32; L] {
+        let c: &[u8; L] = arr(c);
+        std::array::from_fn(|j| fp8_to_f32(c[j]))
     }
 }
 impl Enc for Bf16 {
     const SIZE: usize = 2;
     #[inline(always)]
-    fn put(o: &mut [u8], j: usize, x: f32) {
-        let b = f32_to_bf16(x).to_le_bytes();
-        o[2 * j] = b[0];
-        o[2 * j + 1] = b[1];
+    fn put_chunk(o: &mut [u8], v: &[f32; L]) {
+        let o: &mut [u8; 2 * L] = arr_mut(o);
+        for j in 0..L {
+            let b = f32_to_bf16(v[j]).to_le_bytes();
+            o[2 * j] = b[0];
+            o[2 * j + 1] = b[1];
+        }
     }
 }
 impl Enc for F16 {
     const SIZE: usize = 2;
     #[inline(always)]
-    fn put(o: &mut [u8], j: usize, x: f32) {
-        let b = f32_to_f16(x).to_le_bytes();
-        o[2 * j] = b[0];
-        o[2 * j + 1] = b[1];
+    fn put_chunk(o: &mut [u8], v: &[f32; L]) {
+        let o: &mut [u8; 2 * L] = arr_mut(o);
+        for j in 0..L {
+            let b = f32_to_f16(v[j]).to_le_bytes();
+            o[2 * j] = b[0];
+            o[2 * j + 1] = b[1];
+        }
     }
 }
 impl Enc for F32 {
     const SIZE: usize = 4;
     #[inline(always)]
-    fn put(o: &mut [u8], j: usize, x: f32) {
-        let b = x.to_le_bytes();
-        o[4 * j] = b[0];
-        o[4 * j + 1] = b[1];
-        o[4 * j + 2] = b[2];
-        o[4 * j + 3] = b[3];
+    fn put_chunk(o: &mut [u8], v: &[f32; L]) {
+        let o: &mut [u8; 4 * L] = arr_mut(o);
+        for j in 0..L {
+            let b = v[j].to_le_bytes();
+            o[4 * j..4 * j + 4].copy_from_slice(&b);
+        }
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Inner kernels (inlined into each SIMD-level instance)
-// ---------------------------------------------------------------------------------------------
+/// Runs `f(src_chunk, dst_chunk)` over whole chunks of L elements, then once over the tail
+/// padded with zeros (results of the padding lanes are discarded). `s_per`/`d_per` (≤ 4) are
+/// the slice elements per lane on each side (bytes per element for byte slices, 1 for f32).
+#[inline(always)]
+fn chunked<A: Copy + Default, B: Copy + Default>(
+    src: &[A],
+    s_per: usize,
+    dst: &mut [B],
+    d_per: usize,
+    mut f: impl FnMut(&[A], &mut [B]),
+) {
+    let mut sc = src.chunks_exact(L * s_per);
+    let mut dc = dst.chunks_exact_mut(L * d_per);
+    for (s, d) in (&mut sc).zip(&mut dc) {
+        f(s, d);
+    }
+    let (s, d) = (sc.remainder(), dc.into_remainder());
+    if !d.is_empty() {
+        let mut sb = [A::default(); 4 * L];
+        let mut db = [B::default(); 4 * L];
+        sb[..s.len()].copy_from_slice(s);
+        db[..d.len()].copy_from_slice(d);
+        f(&sb[..L * s_per], &mut db[..L * d_per]);
+        d.copy_from_slice(&db[..d.len()]);
+    }
+}
+
+/// `a + b`, except that a NaN `a` is returned as is: when both are NaN the result is `a`'s
+/// NaN (what x86 `addps a, b` does; LLVM may swap the operands of a bare `+`).
+#[inline(always)]
+pub(crate) fn add_nan_first(a: f32, b: f32) -> f32 {
+    let s = a + b;
+    if a.is_nan() {
+        a
+    } else {
+        s
+    }
+}
+
+/// `a * b` with the same first-operand NaN rule as [`add_nan_first`].
+#[inline(always)]
+pub(crate) fn mul_nan_first(a: f32, b: f32) -> f32 {
+    let p = a * b;
+    if a.is_nan() {
+        a
+    } else {
+        p
+    }
+}
 
 /// out[i] = dec(src[i]) (× s if SCALED).
 #[inline(always)]
 fn map_k<D: Dec, const SCALED: bool>(src: &[u8], s: f32, out: &mut [f32]) {
-    let mut oc = out.chunks_exact_mut(L);
-    let mut sc = src.chunks_exact(L * D::SIZE);
-    for (o, c) in (&mut oc).zip(&mut sc) {
+    chunked(src, D::SIZE, out, 1, |c, o| {
+        let d = D::chunk(c);
+        let o: &mut [f32; L] = arr_mut(o);
         for j in 0..L {
-            let d = D::get(c, j);
-            o[j] = if SCALED { d * s } else { d };
+            o[j] = if SCALED { mul_nan_first(d[j], s) } else { d[j] };
         }
-    }
-    let c = sc.remainder();
-    for (j, o) in oc.into_remainder().iter_mut().enumerate() {
-        let d = D::get(c, j);
-        *o = if SCALED { d * s } else { d };
-    }
+    })
 }
 
 /// acc[i] = w·d (FIRST) or acc[i] + w·d, with d = dec(src[i]) (× s if SCALED).
@@ -372,27 +466,14 @@ fn axpy_k<D: Dec, const SCALED: bool, const FIRST: bool>(
     w: f32,
     acc: &mut [f32],
 ) {
-    let mut ac = acc.chunks_exact_mut(L);
-    let mut sc = src.chunks_exact(L * D::SIZE);
-    for (a, c) in (&mut ac).zip(&mut sc) {
+    chunked(src, D::SIZE, acc, 1, |c, a| {
+        let d = D::chunk(c);
+        let a: &mut [f32; L] = arr_mut(a);
         for j in 0..L {
-            let mut d = D::get(c, j);
-            if SCALED {
-                d = d * s;
-            }
-            let p = w * d;
-            a[j] = if FIRST { p } else { a[j] + p };
+            let d = if SCALED { mul_nan_first(d[j], s) } else { d[j] };
+            a[j] = if FIRST { w * d } else { add_nan_first(a[j], w * d) };
         }
-    }
-    let c = sc.remainder();
-    for (j, a) in ac.into_remainder().iter_mut().enumerate() {
-        let mut d = D::get(c, j);
-        if SCALED {
-            d = d * s;
-        }
-        let p = w * d;
-        *a = if FIRST { p } else { *a + p };
-    }
+    })
 }
 
 #[inline(always)]
@@ -405,45 +486,26 @@ fn axpy_dispatch<D: Dec>(src: &[u8], s: Option<f32>, w: f32, acc: &mut [f32], fi
     }
 }
 
-/// acc += w·d over f32 slices.
+/// acc = w·d or acc + w·d over f32 slices.
 #[inline(always)]
 fn scale_add_k(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
     let mut ac = acc.chunks_exact_mut(L);
     let mut dc = d.chunks_exact(L);
-    if first {
-        for (a, x) in (&mut ac).zip(&mut dc) {
-            for j in 0..L {
-                a[j] = w * x[j];
-            }
+    for (a, x) in (&mut ac).zip(&mut dc) {
+        let a: &mut [f32; L] = arr_mut(a);
+        let x: &[f32; L] = arr(x);
+        for j in 0..L {
+            a[j] = if first { w * x[j] } else { add_nan_first(a[j], w * x[j]) };
         }
-        for (a, x) in ac.into_remainder().iter_mut().zip(dc.remainder()) {
-            *a = w * *x;
-        }
-    } else {
-        for (a, x) in (&mut ac).zip(&mut dc) {
-            for j in 0..L {
-                a[j] = a[j] + w * x[j];
-            }
-        }
-        for (a, x) in ac.into_remainder().iter_mut().zip(dc.remainder()) {
-            *a = *a + w * *x;
-        }
+    }
+    for (a, x) in ac.into_remainder().iter_mut().zip(dc.remainder()) {
+        *a = if first { w * *x } else { add_nan_first(*a, w * *x) };
     }
 }
 
 #[inline(always)]
 fn encode_k<E: Enc>(src: &[f32], out: &mut [u8]) {
-    let mut oc = out.chunks_exact_mut(L * E::SIZE);
-    let mut sc = src.chunks_exact(L);
-    for (o, s) in (&mut oc).zip(&mut sc) {
-        for j in 0..L {
-            E::put(o, j, s[j]);
-        }
-    }
-    let o = oc.into_remainder();
-    for (j, x) in sc.remainder().iter().enumerate() {
-        E::put(o, j, *x);
-    }
+    chunked(src, 1, out, E::SIZE, |s, o| E::put_chunk(o, arr(s)))
 }
 
 #[inline(always)]
@@ -484,6 +546,7 @@ fn amax_k(x: &[f32]) -> u32 {
     let mut m = [0u32; L];
     let mut it = x.chunks_exact(L);
     for c in &mut it {
+        let c: &[f32; L] = arr(c);
         for j in 0..L {
             m[j] = m[j].max(c[j].to_bits() & 0x7fff_ffff);
         }
@@ -501,16 +564,13 @@ fn amax_k(x: &[f32]) -> u32 {
 /// codes[i] = fp8(x[i] / scale) (true division).
 #[inline(always)]
 fn quant_k(x: &[f32], scale: f32, out: &mut [u8]) {
-    let mut oc = out.chunks_exact_mut(L);
-    let mut xc = x.chunks_exact(L);
-    for (o, c) in (&mut oc).zip(&mut xc) {
+    chunked(x, 1, out, 1, |c, o| {
+        let c: &[f32; L] = arr(c);
+        let o: &mut [u8; L] = arr_mut(o);
         for j in 0..L {
             o[j] = f32_to_fp8(c[j] / scale);
         }
-    }
-    for (o, v) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
-        *o = f32_to_fp8(*v / scale);
-    }
+    })
 }
 
 #[inline(always)]
@@ -530,6 +590,8 @@ fn sq_k(lanes: &mut [f64; 8], a: &[f32], b: &[f32]) {
     let mut ac = a.chunks_exact(8);
     let mut bc = b.chunks_exact(8);
     for (x, y) in (&mut ac).zip(&mut bc) {
+        let x: &[f32; 8] = arr(x);
+        let y: &[f32; 8] = arr(y);
         for j in 0..8 {
             let d = x[j] as f64 - y[j] as f64;
             l[j] += d * d;
@@ -597,7 +659,13 @@ pub fn decode(dtype: DType, src: &[u8], out: &mut [f32]) {
 fn decode_at(level: SimdLevel, dtype: DType, src: &[u8], out: &mut [f32]) {
     check_mixable(dtype);
     assert_eq!(src.len(), out.len() * dtype.size(), "kernels::decode: length mismatch");
-    run(level, || decode_any(dtype, src, out))
+    decode_mv(level, dtype, src, out)
+}
+
+multiversion! {
+    fn decode_mv(dtype: DType, src: &[u8], out: &mut [f32]) {
+        decode_any(dtype, src, out)
+    }
 }
 
 /// Dequantizes an FP8 band of whole rows (the band starts at a row that is a multiple of 128):
@@ -614,7 +682,11 @@ pub fn dequant_fp8(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
 fn dequant_fp8_at(level: SimdLevel, src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
     assert_eq!(src.len(), out.len(), "kernels::dequant_fp8: length mismatch");
     let (nrows, _, nbc) = check_scales(src.len(), cols, scales.len());
-    run(level, || {
+    dequant_mv(level, src, cols, scales, out, nrows, nbc)
+}
+
+multiversion! {
+    fn dequant_mv(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32], nrows: usize, nbc: usize) {
         for r in 0..nrows {
             let row = r * cols;
             let srow = &scales[(r / FP8_BLOCK) * nbc..];
@@ -624,7 +696,7 @@ fn dequant_fp8_at(level: SimdLevel, src: &[u8], cols: usize, scales: &[f32], out
                 map_k::<Fp8, true>(&src[row + c0..row + c1], srow[bc], &mut out[row + c0..row + c1]);
             }
         }
-    })
+    }
 }
 
 /// `acc = w·d` (first) or `acc = acc + w·d`: every product and sum rounded to f32, no FMA.
@@ -637,7 +709,13 @@ pub fn scale_add(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
 
 fn scale_add_at(level: SimdLevel, acc: &mut [f32], w: f32, d: &[f32], first: bool) {
     assert_eq!(acc.len(), d.len(), "kernels::scale_add: length mismatch");
-    run(level, || scale_add_k(acc, w, d, first))
+    scale_add_mv(level, acc, w, d, first)
+}
+
+multiversion! {
+    fn scale_add_mv(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
+        scale_add_k(acc, w, d, first)
+    }
 }
 
 /// Encodes f32 to BF16/F16/F32 little-endian bytes (for FP8 use [`quantize_fp8`]).
@@ -659,7 +737,13 @@ fn check_encodable(dtype: DType) {
 fn encode_at(level: SimdLevel, dtype: DType, src: &[f32], out: &mut [u8]) {
     check_encodable(dtype);
     assert_eq!(out.len(), src.len() * dtype.size(), "kernels::encode: length mismatch");
-    run(level, || encode_any(dtype, src, out))
+    encode_mv(level, dtype, src, out)
+}
+
+multiversion! {
+    fn encode_mv(dtype: DType, src: &[f32], out: &mut [u8]) {
+        encode_any(dtype, src, out)
+    }
 }
 
 /// Requantizes a band of whole rows to FP8 (band starts at a multiple of 128 rows; nrows =
@@ -677,7 +761,19 @@ pub fn quantize_fp8(acc: &[f32], cols: usize, codes: &mut [u8], scales: &mut [f3
 fn quantize_fp8_at(level: SimdLevel, acc: &[f32], cols: usize, codes: &mut [u8], scales: &mut [f32]) {
     assert_eq!(acc.len(), codes.len(), "kernels::quantize_fp8: length mismatch");
     let (nrows, nbr, nbc) = check_scales(acc.len(), cols, scales.len());
-    run(level, || {
+    quantize_mv(level, acc, cols, codes, scales, nrows, nbr, nbc)
+}
+
+multiversion! {
+    fn quantize_mv(
+        acc: &[f32],
+        cols: usize,
+        codes: &mut [u8],
+        scales: &mut [f32],
+        nrows: usize,
+        nbr: usize,
+        nbc: usize,
+    ) {
         for br in 0..nbr {
             let r0 = br * FP8_BLOCK;
             let r1 = (r0 + FP8_BLOCK).min(nrows);
@@ -696,7 +792,7 @@ fn quantize_fp8_at(level: SimdLevel, acc: &[f32], cols: usize, codes: &mut [u8],
                 }
             }
         }
-    })
+    }
 }
 
 /// Sum over i of `(a[i] − b[i])²` with `d = a as f64 − b as f64`, `d*d` added in f64 into 8
@@ -734,7 +830,13 @@ impl SqDiffAcc {
     /// The sum so far, lanes combined in the fixed order.
     pub fn sum(&self) -> f64 {
         let l = &self.lanes;
-        ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+        let s = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        // NaN payloads depend on operand order chosen by the compiler: return one NaN.
+        if s.is_nan() {
+            f64::NAN
+        } else {
+            s
+        }
     }
 
     /// Adds the next `a.len()` elements (f32 values).
@@ -749,7 +851,7 @@ impl SqDiffAcc {
         assert_eq!(a.len(), b.len(), "kernels::sum_sq_diff: length mismatch");
         let (a, b) = self.head(a, b);
         let lanes = &mut self.lanes;
-        run(level, || sq_k(lanes, a, b));
+        sq_mv(level, lanes, a, b);
         self.n += a.len() as u64;
     }
 
@@ -792,21 +894,33 @@ impl SqDiffAcc {
         }
         let (a, b) = (&a[i * sa..], &b[i * sb..]);
         let rest = n - i;
-        let lanes = &mut self.lanes;
-        run(level, || {
-            const T: usize = 1024;
-            let mut ta = [0f32; T];
-            let mut tb = [0f32; T];
-            let mut k = 0;
-            while k < rest {
-                let m = T.min(rest - k);
-                decode_any(dta, &a[k * sa..(k + m) * sa], &mut ta[..m]);
-                decode_any(dtb, &b[k * sb..(k + m) * sb], &mut tb[..m]);
-                sq_k(lanes, &ta[..m], &tb[..m]);
-                k += m;
-            }
-        });
+        sq_bytes_mv(level, &mut self.lanes, dta, a, dtb, b, rest);
         self.n += rest as u64;
+    }
+}
+
+multiversion! {
+    fn sq_mv(lanes: &mut [f64; 8], a: &[f32], b: &[f32]) {
+        sq_k(lanes, a, b)
+    }
+}
+
+multiversion! {
+    fn sq_bytes_mv(lanes: &mut [f64; 8], dta: DType, a: &[u8], dtb: DType, b: &[u8], n: usize) {
+        // Decode tiles of both into L1, then the f64 lanes (tiles are multiples of 8 long, so
+        // the lane of every element is its index mod 8).
+        const T: usize = 1024;
+        let (sa, sb) = (dta.size(), dtb.size());
+        let mut ta = [0f32; T];
+        let mut tb = [0f32; T];
+        let mut k = 0;
+        while k < n {
+            let m = T.min(n - k);
+            decode_any(dta, &a[k * sa..(k + m) * sa], &mut ta[..m]);
+            decode_any(dtb, &b[k * sb..(k + m) * sb], &mut tb[..m]);
+            sq_k(lanes, &ta[..m], &tb[..m]);
+            k += m;
+        }
     }
 }
 
@@ -873,7 +987,20 @@ fn accumulate_at(
     first: bool,
 ) {
     check_accumulate(dtype, src.len(), scales, acc.len());
-    run(level, || accumulate_range(dtype, src, scales, 0, w, acc, first))
+    accumulate_mv(level, dtype, src, scales, w, acc, first)
+}
+
+multiversion! {
+    fn accumulate_mv(
+        dtype: DType,
+        src: &[u8],
+        scales: Option<(&[f32], usize)>,
+        w: f32,
+        acc: &mut [f32],
+        first: bool,
+    ) {
+        accumulate_range(dtype, src, scales, 0, w, acc, first)
+    }
 }
 
 /// Accumulates elements `start .. start + acc.len()` of a band (`src` is the whole band).
@@ -980,48 +1107,58 @@ fn mix_at(
 ) {
     let n = check_mix(inputs, cols, out_dtype, out.len(), out_scales.as_ref().map(|s| s.len()));
     match out_scales {
-        None => run(level, || {
-            const T: usize = 2048;
-            let mut tile = [0f32; T];
-            let sz = out_dtype.size();
-            let mut k = 0;
-            while k < n {
-                let m = T.min(n - k);
-                let t = &mut tile[..m];
-                for (i, p) in inputs.iter().enumerate() {
-                    accumulate_range(p.dtype, p.bytes, p.scales.map(|s| (s, cols)), k, p.weight, t, i == 0);
-                }
-                encode_any(out_dtype, t, &mut out[k * sz..(k + m) * sz]);
-                k += m;
+        None => mix_tiles_mv(level, inputs, cols, out_dtype, out, n),
+        Some(out_scales) => mix_fp8_mv(level, inputs, cols, out, out_scales, n),
+    }
+}
+
+multiversion! {
+    /// Non-FP8 output: L1-sized tiles of the flat element range.
+    fn mix_tiles_mv(inputs: &[MixInput<'_>], cols: usize, out_dtype: DType, out: &mut [u8], n: usize) {
+        const T: usize = 2048;
+        let mut tile = [0f32; T];
+        let sz = out_dtype.size();
+        let mut k = 0;
+        while k < n {
+            let m = T.min(n - k);
+            let t = &mut tile[..m];
+            for (i, p) in inputs.iter().enumerate() {
+                accumulate_range(p.dtype, p.bytes, p.scales.map(|s| (s, cols)), k, p.weight, t, i == 0);
             }
-        }),
-        Some(out_scales) => run(level, || {
-            let (nrows, nbr, nbc) = band_dims(n, cols);
-            let mut tile = [0f32; FP8_BLOCK * FP8_BLOCK];
-            for br in 0..nbr {
-                let r0 = br * FP8_BLOCK;
-                let rh = FP8_BLOCK.min(nrows - r0);
-                for bc in 0..nbc {
-                    let c0 = bc * FP8_BLOCK;
-                    let bw = FP8_BLOCK.min(cols - c0);
-                    let t = &mut tile[..rh * bw];
-                    for (i, p) in inputs.iter().enumerate() {
-                        let sz = p.dtype.size();
-                        let s = p.scales.map(|s| s[br * nbc + bc]);
-                        for r in 0..rh {
-                            let k = (r0 + r) * cols + c0;
-                            axpy_any(p.dtype, &p.bytes[k * sz..(k + bw) * sz], s, p.weight, &mut t[r * bw..(r + 1) * bw], i == 0);
-                        }
-                    }
-                    let scale = block_scale(amax_k(t));
-                    out_scales[br * nbc + bc] = scale;
+            encode_any(out_dtype, t, &mut out[k * sz..(k + m) * sz]);
+            k += m;
+        }
+    }
+}
+
+multiversion! {
+    /// FP8 output: one 128×128 block at a time (mix, amax, quantize while it sits in L2).
+    fn mix_fp8_mv(inputs: &[MixInput<'_>], cols: usize, out: &mut [u8], out_scales: &mut [f32], n: usize) {
+        let (nrows, nbr, nbc) = band_dims(n, cols);
+        let mut tile = [0f32; FP8_BLOCK * FP8_BLOCK];
+        for br in 0..nbr {
+            let r0 = br * FP8_BLOCK;
+            let rh = FP8_BLOCK.min(nrows - r0);
+            for bc in 0..nbc {
+                let c0 = bc * FP8_BLOCK;
+                let bw = FP8_BLOCK.min(cols - c0);
+                let t = &mut tile[..rh * bw];
+                for (i, p) in inputs.iter().enumerate() {
+                    let sz = p.dtype.size();
+                    let s = p.scales.map(|s| s[br * nbc + bc]);
                     for r in 0..rh {
                         let k = (r0 + r) * cols + c0;
-                        quant_k(&t[r * bw..(r + 1) * bw], scale, &mut out[k..k + bw]);
+                        axpy_any(p.dtype, &p.bytes[k * sz..(k + bw) * sz], s, p.weight, &mut t[r * bw..(r + 1) * bw], i == 0);
                     }
                 }
+                let scale = block_scale(amax_k(t));
+                out_scales[br * nbc + bc] = scale;
+                for r in 0..rh {
+                    let k = (r0 + r) * cols + c0;
+                    quant_k(&t[r * bw..(r + 1) * bw], scale, &mut out[k..k + bw]);
+                }
             }
-        }),
+        }
     }
 }
 
@@ -1233,7 +1370,9 @@ pub mod scalar {
         for r in 0..nrows {
             for c in 0..cols {
                 let s = scales[(r / FP8_BLOCK) * nbc + c / FP8_BLOCK];
-                out[r * cols + c] = fp8_to_f32(src[r * cols + c]) * s;
+                let d = fp8_to_f32(src[r * cols + c]);
+                // A NaN code stays the code's NaN even if the scale is NaN too.
+                out[r * cols + c] = if d.is_nan() { d } else { d * s };
             }
         }
     }
@@ -1242,7 +1381,15 @@ pub mod scalar {
     pub fn scale_add(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
         assert_eq!(acc.len(), d.len(), "kernels::scale_add: length mismatch");
         for (a, x) in acc.iter_mut().zip(d) {
-            *a = if first { w * *x } else { *a + w * *x };
+            let p = w * *x;
+            // When both are NaN the result is the accumulator's NaN.
+            *a = if first {
+                p
+            } else if a.is_nan() {
+                *a
+            } else {
+                *a + p
+            };
         }
     }
 
@@ -1293,7 +1440,12 @@ pub mod scalar {
             let d = *x as f64 - *y as f64;
             l[i % 8] += d * d;
         }
-        ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+        let s = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        if s.is_nan() {
+            f64::NAN
+        } else {
+            s
+        }
     }
 
     /// Reference of [`super::sum_sq_diff_bytes`]: decode both, then [`sum_sq_diff`].
@@ -1403,6 +1555,15 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Asserts equality, reporting only the first differing element.
+    #[track_caller]
+    fn same<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+            panic!("{what}: first difference at {i}: got {:?}, want {:?}", got[i], want[i]);
+        }
     }
 
     fn pow2(k: i32) -> f32 {
@@ -1569,13 +1730,20 @@ mod tests {
         for lv in available_levels() {
             let mut got = vec![0f32; 256];
             decode_at(lv, DType::F8E4M3, &codes, &mut got);
-            assert_eq!(bits(&got), bits(&want), "{lv:?}");
-            let mut back = vec![0u8; 256];
-            let mut sc = vec![0f32; 2];
-            // One block row, two column blocks: [128 codes ≥ 0][128 codes < 0]; amax 448 → scale 1.
-            quantize_fp8_at(lv, &got, 256, &mut back, &mut sc);
-            assert_eq!(sc[0].to_bits(), f32::NAN.to_bits() & 0x7fff_ffff | (sc[0].to_bits() & 0x8000_0000));
-            let _ = back;
+            same(&bits(&got), &bits(&want), &format!("{lv:?}"));
+            // Quantizing the decoded codes: both 128-column blocks hold a NaN code (0x7f, 0xff),
+            // so the scales are (positive) NaN and every code becomes NaN: x / NaN is the scale's
+            // positive NaN, except for the NaN value 0xff itself, whose NaN (first operand) wins.
+            let (mut gc, mut gs) = (vec![0u8; 256], vec![0f32; 2]);
+            quantize_fp8_at(lv, &got, 256, &mut gc, &mut gs);
+            let (mut wc, mut ws) = (vec![0u8; 256], vec![0f32; 2]);
+            scalar::quantize_fp8(&want, 256, &mut wc, &mut ws);
+            same(&gc, &wc, "quantize codes");
+            same(&bits(&gs), &bits(&ws), "quantize scales");
+            assert!(ws[0].is_nan() && ws[1].is_nan());
+            for (c, q) in wc.iter().enumerate() {
+                assert_eq!(*q, if c == 0xff { 0xff } else { 0x7f }, "{c:#x}");
+            }
         }
     }
 
@@ -1616,10 +1784,10 @@ mod tests {
         for lv in available_levels() {
             let mut got = vec![0f32; n];
             decode_at(lv, dtype, bytes, &mut got);
-            assert_eq!(bits(&got), bits(&want), "{dtype} {lv:?}");
+            same(&bits(&got), &bits(&want), &format!("{dtype} {lv:?}"));
             let mut enc = vec![0u8; bytes.len()];
             encode_at(lv, dtype, &got, &mut enc);
-            assert_eq!(enc, want_enc, "{dtype} {lv:?}");
+            same(&enc, &want_enc, &format!("{dtype} {lv:?}"));
         }
     }
 
@@ -1637,7 +1805,7 @@ mod tests {
                 scalar::encode(*dt, xs, &mut want);
                 let mut got = vec![0u8; xs.len() * dt.size()];
                 encode_at(lv, *dt, xs, &mut got);
-                assert_eq!(got, want, "{dt} {lv:?}");
+                same(&got, &want, &format!("{dt} {lv:?}"));
             }
             // FP8 element encoding through the quantizer with scale 1 (amax = 0 is impossible
             // here, so use a column of 448 to pin the scale to 1 where possible).
@@ -1760,7 +1928,7 @@ mod tests {
                     for lv in available_levels() {
                         let mut got = vec![0f32; n];
                         decode_at(lv, dt, src_u, &mut got);
-                        assert_eq!(bits(&got), bits(&want), "decode {dt} n={n} {lv:?}");
+                        same(&bits(&got), &bits(&want), &format!("decode {dt} n={n} {lv:?}"));
                     }
                 }
             }
@@ -1782,7 +1950,7 @@ mod tests {
                     for lv in available_levels() {
                         let mut got = ys.clone();
                         scale_add_at(lv, &mut got, w, &xs, first);
-                        assert_eq!(bits(&got), bits(&want), "scale_add n={n} {lv:?}");
+                        same(&bits(&got), &bits(&want), &format!("scale_add n={n} {lv:?}"));
                     }
                 }
             }
@@ -1882,14 +2050,14 @@ mod tests {
                     for lv in available_levels() {
                         let mut got = init.clone();
                         accumulate_at(lv, dt, &u[off..], None, w, &mut got, first);
-                        assert_eq!(bits(&got), bits(&want), "{dt} n={n} first={first} {lv:?}");
+                        same(&bits(&got), &bits(&want), &format!("{dt} n={n} first={first} {lv:?}"));
                     }
                     // Unfused composition of the public fast paths.
                     let mut d = vec![0f32; n];
                     decode(dt, &src, &mut d);
                     let mut comp = init.clone();
                     scale_add(&mut comp, w, &d, first);
-                    assert_eq!(bits(&comp), bits(&want));
+                    same(&bits(&comp), &bits(&want), "");
                 }
             }
         }
@@ -1948,7 +2116,7 @@ mod tests {
             for lv in available_levels() {
                 let mut got = vec![0f32; n];
                 dequant_fp8_at(lv, &codes, cols, &scales, &mut got);
-                assert_eq!(bits(&got), bits(&want), "dequant {rows}x{cols} {lv:?}");
+                same(&bits(&got), &bits(&want), &format!("dequant {rows}x{cols} {lv:?}"));
             }
             // accumulate with scales
             let init: Vec<f32> = (0..n).map(|_| rng.value(1.0)).collect();
@@ -1958,13 +2126,13 @@ mod tests {
                 for lv in available_levels() {
                     let mut got = init.clone();
                     accumulate_at(lv, DType::F8E4M3, &codes, Some((&scales, cols)), 0.7, &mut got, first);
-                    assert_eq!(bits(&got), bits(&want), "accumulate {rows}x{cols} {lv:?}");
+                    same(&bits(&got), &bits(&want), &format!("accumulate {rows}x{cols} {lv:?}"));
                 }
                 let mut d = vec![0f32; n];
                 dequant_fp8(&codes, cols, &scales, &mut d);
                 let mut comp = init.clone();
                 scale_add(&mut comp, 0.7, &d, first);
-                assert_eq!(bits(&comp), bits(&want));
+                same(&bits(&comp), &bits(&want), "");
             }
             // quantize: special blocks, and realistic values
             for acc in [f32_band(&mut rng, rows, cols), want.clone()] {
@@ -1975,8 +2143,8 @@ mod tests {
                     let mut gc = vec![0u8; n];
                     let mut gs = vec![0f32; nb];
                     quantize_fp8_at(lv, &acc, cols, &mut gc, &mut gs);
-                    assert_eq!(gc, wc, "quantize codes {rows}x{cols} {lv:?}");
-                    assert_eq!(bits(&gs), bits(&ws), "quantize scales {rows}x{cols} {lv:?}");
+                    same(&gc, &wc, &format!("quantize codes {rows}x{cols} {lv:?}"));
+                    same(&bits(&gs), &bits(&ws), &format!("quantize scales {rows}x{cols} {lv:?}"));
                 }
             }
         }
@@ -2015,14 +2183,15 @@ mod tests {
         assert_eq!(codes[0], 0);
         assert_eq!(scales[4], 1.0);
         assert_eq!(codes[128 * cols + 128], 0x80);
-        assert_eq!(scales[3], 20.0 / 448.0);
-        assert!(scales[5] > 0.0 && scales[5] < 1e-43);
+        // amax = 4 × 2^-149 is not 0, but amax / 448 underflows to 0: x / 0 → ±inf / NaN → NaN.
+        assert_eq!(scales[5].to_bits(), 0);
+        assert_eq!(codes[129 * cols + 257] & 0x7f, 0x7f);
         for lv in available_levels() {
             let mut gc = vec![0u8; rows * cols];
             let mut gs = vec![0f32; 6];
             quantize_fp8_at(lv, &acc, cols, &mut gc, &mut gs);
-            assert_eq!(gc, codes, "{lv:?}");
-            assert_eq!(bits(&gs), bits(&scales), "{lv:?}");
+            same(&gc, &codes, &format!("{lv:?}"));
+            same(&bits(&gs), &bits(&scales), &format!("{lv:?}"));
         }
         // amax == 448 → scale 1 → FP8 values re-encode to themselves.
         let vals: Vec<f32> = (0..=255u8).map(fp8_to_f32).filter(|x| !x.is_nan()).collect();
@@ -2075,9 +2244,9 @@ mod tests {
                         let mut got = vec![0u8; n * size + 1];
                         let mut got_s = vec![0f32; nb];
                         mix_at(lv, &inputs, cols, out_dt, &mut got[1..], fp8.then_some(&mut got_s[..]));
-                        assert_eq!(&got[1..], &want[..], "mix {rows}x{cols} k={k} -> {out_dt} {lv:?}");
+                        same(&got[1..], &want[..], &format!("mix {rows}x{cols} k={k} -> {out_dt} {lv:?}"));
                         if fp8 {
-                            assert_eq!(bits(&got_s), bits(&want_s), "mix scales {rows}x{cols} {lv:?}");
+                            same(&bits(&got_s), &bits(&want_s), &format!("mix scales {rows}x{cols} {lv:?}"));
                         }
                     }
                     // Composition of the unfused public fast paths.
@@ -2089,11 +2258,11 @@ mod tests {
                     let mut comp_s = vec![0f32; nb];
                     if fp8 {
                         quantize_fp8(&acc, cols, &mut comp, &mut comp_s);
-                        assert_eq!(bits(&comp_s), bits(&want_s));
+                        same(&bits(&comp_s), &bits(&want_s), "");
                     } else {
                         encode(out_dt, &acc, &mut comp);
                     }
-                    assert_eq!(comp, want, "composition {rows}x{cols} -> {out_dt}");
+                    same(&comp, &want, &format!("composition {rows}x{cols} -> {out_dt}"));
                 }
             }
         }
@@ -2115,6 +2284,36 @@ mod tests {
     }
 
     #[test]
+    fn nan_first_operand_wins() {
+        let neg = f32::from_bits(0xffc0_0001);
+        let pos = f32::from_bits(0x7fc0_0002);
+        let (a, b) = (neg.to_le_bytes(), pos.to_le_bytes());
+        for lv in available_levels() {
+            for (x, y, want) in [(&a, &b, 0xffc0u16), (&b, &a, 0x7fc0)] {
+                let inputs = [
+                    MixInput { dtype: DType::F32, bytes: x, scales: None, weight: 0.5 },
+                    MixInput { dtype: DType::F32, bytes: y, scales: None, weight: 0.5 },
+                ];
+                let mut out = [0u8; 2];
+                mix_at(lv, &inputs, 1, DType::BF16, &mut out, None);
+                assert_eq!(u16::from_le_bytes(out), want, "{lv:?}");
+                let mut out4 = [0u8; 4];
+                mix_at(lv, &inputs, 1, DType::F32, &mut out4, None);
+                let acc = f32::from_le_bytes(out4).to_bits();
+                assert_eq!(acc >> 31, (want >> 15) as u32, "{lv:?}");
+            }
+            // NaN code × NaN scale keeps the code's NaN.
+            let mut out = [0f32; 2];
+            dequant_fp8_at(lv, &[0xff, 0x38], 2, &[f32::from_bits(0x7fc0_0123)], &mut out);
+            assert_eq!(out[0].to_bits(), 0xffc0_0000, "{lv:?}");
+            assert_eq!(out[1].to_bits(), 0x7fc0_0123, "{lv:?}");
+        }
+        let mut out = [0f32; 2];
+        scalar::dequant_fp8(&[0xff, 0x38], 2, &[f32::from_bits(0x7fc0_0123)], &mut out);
+        assert_eq!(out[0].to_bits(), 0xffc0_0000);
+    }
+
+    #[test]
     #[should_panic(expected = "length mismatch")]
     fn decode_length_mismatch_panics() {
         let mut out = [0f32; 2];
@@ -2125,6 +2324,6 @@ mod tests {
     #[should_panic(expected = "block scales")]
     fn dequant_wrong_scales_panics() {
         let mut out = [0f32; 256];
-        dequant_fp8(&[0u8; 256], 128, &[1.0], &mut out);
+        dequant_fp8(&[0u8; 256], 256, &[1.0], &mut out); // 1 row, 2 column blocks
     }
 }

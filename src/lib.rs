@@ -6,7 +6,9 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod cli;
+pub mod diff;
 pub mod dtype;
+pub mod fixture;
 pub mod error;
 pub mod kernels;
 pub mod models;

@@ -176,7 +176,12 @@ impl SubsetItem {
 }
 
 fn compile(pat: &str) -> Result<Regex> {
-    Regex::new(pat).map_err(|e| Error::BadRegex { pattern: pat.to_string(), reason: e.to_string() })
+    Regex::new(pat).map_err(|e| {
+        // regex's messages draw a caret diagram over several lines; keep the last, the reason.
+        let text = e.to_string();
+        let reason = text.lines().last().unwrap_or_default().trim_start_matches("error: ").to_string();
+        Error::BadRegex { pattern: pat.to_string(), reason }
+    })
 }
 
 /// Per-tensor weights: the first rule whose pattern matches a selected weight's name wins.

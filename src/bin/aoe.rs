@@ -170,6 +170,29 @@ fn progress(done: u64, _total: u64) {
 }
 
 fn fixture(out: &std::path::Path, preset: &str, dtype: &str, siblings: usize, seed: u64, bf16_copy: bool, skeleton: bool) -> Result<()> {
-    let _ = (out, preset, dtype, siblings, seed, bf16_copy, skeleton);
-    Err(aoe::Error::BadRecipe { reason: "fixture generator not built yet".into() })
+    use aoe::fixture::{FamilySpec, FixtureDType};
+    let io = |e| aoe::Error::io(out, e);
+    if skeleton {
+        return aoe::fixture::write_deepseek_v3_skeleton(out).map_err(io);
+    }
+    let dt = match dtype {
+        "fp8" => FixtureDType::Fp8,
+        "bf16" => FixtureDType::Bf16,
+        _ => return Err(aoe::Error::BadRecipe { reason: format!("--dtype {dtype:?}: use fp8 or bf16") }),
+    };
+    let mut spec = match preset {
+        "tiny" => FamilySpec::tiny(dt),
+        "demo" => FamilySpec::demo(),
+        size => FamilySpec::with_target_bytes(dt, parse_size(size).map_err(|reason| aoe::Error::BadRecipe { reason })? as u64),
+    };
+    spec.siblings = siblings;
+    spec.seed = seed;
+    let dirs = aoe::fixture::write_family(&spec, out).map_err(io)?;
+    if bf16_copy {
+        aoe::fixture::write_bf16_copy(&dirs[0], &out.join("m1-bf16")).map_err(io)?;
+    }
+    for d in dirs {
+        println!("{}", d.display());
+    }
+    Ok(())
 }

@@ -1,0 +1,795 @@
+//! The mounted filesystem's logic, without FUSE types: inodes, attributes, directory listings,
+//! lookups (variant names included), open and read, returning plain results. The FUSE adapter
+//! ([`crate::fuse`]) only translates; everything here is testable without a mount.
+//!
+//! Two layouts:
+//! - **single**: the root is one child's directory (the base's files, synthesized shards,
+//!   `aoe_recipe.json`);
+//! - **variants**: the root holds one directory per variant, named by its recipe
+//!   (`lambda=0.6,subset=experts,delta=1.5`). Looking a valid name up creates the variant (a
+//!   plan over the shared engine: no work proportional to the model's bytes); an invalid name is
+//!   refused with a log line saying why. Variants share the engine: one chunk cache, one store
+//!   of δ statistics.
+//!
+//! Inode numbers: the root is 1; variant `k`'s directory is `(k+1) << 32` and its file `i` is
+//! `(k+1) << 32 | (i+1)` (in the single layout, variant 0's directory is the root). Variants are
+//! never removed, so an inode always means the same bytes.
+//!
+//! The status report (`aoe status`) is the extended attribute [`STATUS_XATTR`] of the root and
+//! of every variant directory: nothing is added to the checkpoint's listing.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::models::Models;
+use crate::prefetch::{PrefetchConfig, Prefetcher, SeqState};
+use crate::recipe::{Recipe, RecipeSpec};
+use crate::synth::{Child, Engine, FileKind};
+
+/// Inode of the root directory.
+pub const ROOT: u64 = 1;
+/// The extended attribute holding the status report (JSON), on the root and variant directories.
+pub const STATUS_XATTR: &str = "user.aoe.status";
+/// Largest status report served (the kernel's limit on an attribute value is 64 KiB).
+const STATUS_MAX: usize = 60 << 10;
+/// Preferred I/O size reported by stat (readers size their buffers from it).
+pub const BLKSIZE: u32 = 1 << 20;
+
+/// Errors of filesystem operations; the adapter turns them into errnos ([`FsError::errno`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsError {
+    /// No such file or directory (also: an invalid variant name).
+    NotFound,
+    /// A directory operation on a file.
+    NotDir,
+    /// A file operation on a directory.
+    IsDir,
+    /// Anything that would write.
+    ReadOnly,
+    /// No such extended attribute.
+    NoData,
+    /// A read that failed (a parent changed or vanished, an I/O error); logged.
+    Io,
+}
+
+impl FsError {
+    /// The errno for this error.
+    pub fn errno(self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NoData => libc::ENODATA,
+            FsError::Io => libc::EIO,
+        }
+    }
+}
+
+/// Kind of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File,
+}
+
+/// Attributes of a node. Stable for the life of the mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// Directory or file.
+    pub kind: Kind,
+    /// Size in bytes (0 for directories).
+    pub size: u64,
+    /// Permission bits: 0o444 for files, 0o555 for directories.
+    pub perm: u16,
+    /// Link count.
+    pub nlink: u32,
+    /// Modification time (also used as access and change time).
+    pub mtime: SystemTime,
+    /// Owner: the mounting user.
+    pub uid: u32,
+    /// Group: the mounting user's.
+    pub gid: u32,
+    /// Preferred I/O size.
+    pub blksize: u32,
+}
+
+/// One directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Inode number.
+    pub ino: u64,
+    /// Directory or file.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+}
+
+/// Filesystem statistics.
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    /// Total 4 KiB blocks (of one child).
+    pub blocks: u64,
+    /// Number of nodes.
+    pub files: u64,
+}
+
+/// How the engine is built.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Byte budget of the chunk cache.
+    pub cache_bytes: usize,
+    /// Chunk size in output bytes (default: [`mount_chunk_bytes`] of the budget).
+    pub chunk_bytes: Option<usize>,
+    /// Where δ statistics are remembered.
+    pub stats_dir: Option<PathBuf>,
+}
+
+/// The chunk size a mount uses for a cache of `cache_bytes`: small enough that a small cache
+/// holds many chunks and that each worker's scratch (an f32 per element) stays small, large
+/// enough that per-chunk overhead vanishes. 1/64 of the budget, between 128 KiB and 1 MiB.
+pub fn mount_chunk_bytes(cache_bytes: usize) -> usize {
+    (cache_bytes / 64).clamp(128 << 10, 1 << 20)
+}
+
+/// Options of the filesystem.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// Owner of every node.
+    pub uid: u32,
+    /// Group of every node.
+    pub gid: u32,
+    /// Where it is mounted (for the status report).
+    pub mountpoint: PathBuf,
+    /// The daemon's log file, if any (for the status report).
+    pub log_file: Option<PathBuf>,
+    /// Sequential-read prefetch tuning.
+    pub prefetch: PrefetchConfig,
+}
+
+impl FsOptions {
+    /// Options owned by the calling user, with prefetch tuned for `cache_bytes`.
+    pub fn for_current_user(mountpoint: &Path, cache_bytes: usize) -> FsOptions {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        FsOptions {
+            uid,
+            gid,
+            mountpoint: mountpoint.to_path_buf(),
+            log_file: None,
+            prefetch: PrefetchConfig::for_budget(cache_bytes),
+        }
+    }
+}
+
+/// One variant: a name and the child it serves.
+pub struct Variant {
+    /// Its directory name (in the single layout, the empty string).
+    pub name: String,
+    /// The child (shared by aliases: names with identical recipes).
+    pub child: Arc<Child>,
+    /// Bytes served from this variant.
+    pub served: AtomicU64,
+    mtimes: Vec<SystemTime>,
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_served: AtomicU64,
+    reads: AtomicU64,
+    read_errors: AtomicU64,
+    opens: AtomicU64,
+    refused: AtomicU64,
+}
+
+struct Handle {
+    ino: u64,
+    seq: SeqState,
+}
+
+/// The filesystem.
+pub struct Fs {
+    engine: Arc<Engine>,
+    /// `Some` in the variants layout: the defaults every variant name is merged onto.
+    template: Option<RecipeSpec>,
+    variants: RwLock<Vec<Arc<Variant>>>,
+    names: RwLock<HashMap<String, usize>>,
+    create: Mutex<()>,
+    refused_logged: Mutex<HashSet<String>>,
+    opts: FsOptions,
+    mtime: SystemTime,
+    started: Instant,
+    counters: Counters,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    prefetcher: OnceLock<Prefetcher>,
+}
+
+/// What an inode number designates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Node {
+    Root,
+    Dir(usize),
+    File(usize, usize),
+}
+
+fn dir_ino(v: usize) -> u64 {
+    ((v as u64) + 1) << 32
+}
+
+fn file_ino(v: usize, i: usize) -> u64 {
+    dir_ino(v) | ((i as u64) + 1)
+}
+
+/// Opens the models of `base` and `parents` and wraps them in an engine.
+pub fn open_engine(base: &Path, parents: &[PathBuf], eng: &EngineOptions) -> Result<Arc<Engine>> {
+    let models = Models::open(base, parents)?;
+    let chunk = eng.chunk_bytes.unwrap_or_else(|| mount_chunk_bytes(eng.cache_bytes));
+    Ok(Arc::new(Engine::new(models, eng.stats_dir.as_deref(), eng.cache_bytes, chunk)))
+}
+
+impl Fs {
+    /// The single layout: the root is the child of `recipe`. Opens and validates the parents
+    /// and plans the recipe (so a bad recipe fails here, before anything is mounted).
+    pub fn single(recipe: Recipe, eng: &EngineOptions, opts: FsOptions) -> Result<Fs> {
+        let engine = open_engine(&recipe.base, &recipe.parents, eng)?;
+        let child = Arc::new(Child::new(engine.clone(), recipe)?);
+        let fs = Fs::empty(engine, None, opts);
+        fs.push_variant(String::new(), child);
+        Ok(fs)
+    }
+
+    /// The variants layout: variants are created by looking their names up; `sweep` names
+    /// (name → recipe fields) are created now and validated. `template` supplies the base,
+    /// the parents and defaults for every variant.
+    pub fn variants(template: RecipeSpec, sweep: Vec<(String, RecipeSpec)>, eng: &EngineOptions, opts: FsOptions) -> Result<Fs> {
+        let bad = |reason: String| Error::BadRecipe { reason };
+        let base = template.base.clone().ok_or_else(|| bad("--variants needs the base model: give --base DIR".into()))?;
+        let parents = template.parents.clone().unwrap_or_default();
+        if parents.is_empty() {
+            return Err(bad("--variants needs at least one parent besides the base: give --parent DIR".into()));
+        }
+        let engine = open_engine(&base, &parents, eng)?;
+        let fs = Fs::empty(engine, Some(template), opts);
+        for (name, spec) in sweep {
+            check_variant_name(&name).map_err(|r| bad(format!("sweep entry {name:?}: {r}")))?;
+            fs.check_same_models(&spec).map_err(|r| bad(format!("sweep entry {name:?}: {r}")))?;
+            let recipe = fs.template_spec().merge(spec).resolve()?;
+            let child = fs.child_for(recipe)?;
+            if fs.names.read().unwrap_or_else(|e| e.into_inner()).contains_key(&name) {
+                return Err(bad(format!("sweep entry {name:?} appears twice")));
+            }
+            fs.push_variant(name, child);
+        }
+        Ok(fs)
+    }
+
+    fn empty(engine: Arc<Engine>, template: Option<RecipeSpec>, opts: FsOptions) -> Fs {
+        let mtime = engine
+            .models
+            .list
+            .iter()
+            .flat_map(|c| c.shards.iter().map(|s| s.mtime))
+            .max()
+            .unwrap_or(UNIX_EPOCH);
+        Fs {
+            engine,
+            template,
+            variants: RwLock::new(Vec::new()),
+            names: RwLock::new(HashMap::new()),
+            create: Mutex::new(()),
+            refused_logged: Mutex::new(HashSet::new()),
+            opts,
+            mtime,
+            started: Instant::now(),
+            counters: Counters::default(),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            prefetcher: OnceLock::new(),
+        }
+    }
+
+    /// The shared engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Whether this is the variants layout.
+    pub fn is_variants(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Starts the prefetch threads (call after any fork: threads do not survive one).
+    pub fn start_prefetch(&self, threads: usize) -> std::io::Result<()> {
+        if self.opts.prefetch.max_window == 0 || self.prefetcher.get().is_some() {
+            return Ok(());
+        }
+        let limit = (self.engine.cache.budget() as u64 / 4).max(self.opts.prefetch.max_window);
+        let p = Prefetcher::start(threads, limit)?;
+        let _ = self.prefetcher.set(p);
+        Ok(())
+    }
+
+    /// Stops the prefetch threads.
+    pub fn stop_prefetch(&self) {
+        if let Some(p) = self.prefetcher.get() {
+            p.stop();
+        }
+    }
+
+    /// The variants made so far, in creation order.
+    pub fn variant_list(&self) -> Vec<Arc<Variant>> {
+        self.variants.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn template_spec(&self) -> RecipeSpec {
+        self.template.clone().unwrap_or_default()
+    }
+
+    fn variant(&self, v: usize) -> Option<Arc<Variant>> {
+        self.variants.read().unwrap_or_else(|e| e.into_inner()).get(v).cloned()
+    }
+
+    fn push_variant(&self, name: String, child: Arc<Child>) -> usize {
+        let mtimes = child
+            .files
+            .iter()
+            .map(|f| match &f.kind {
+                FileKind::Passthrough(p) => std::fs::metadata(p).and_then(|m| m.modified()).unwrap_or(self.mtime),
+                FileKind::Shard(_) | FileKind::Recipe => self.mtime,
+            })
+            .collect();
+        let mut vs = self.variants.write().unwrap_or_else(|e| e.into_inner());
+        vs.push(Arc::new(Variant { name: name.clone(), child, served: AtomicU64::new(0), mtimes }));
+        let k = vs.len() - 1;
+        drop(vs);
+        self.names.write().unwrap_or_else(|e| e.into_inner()).insert(name, k);
+        k
+    }
+
+    /// A child for `recipe`, shared with an existing variant of identical recipe.
+    fn child_for(&self, recipe: Recipe) -> Result<Arc<Child>> {
+        let bytes = recipe.file_bytes();
+        let existing = self
+            .variants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|v| v.child.recipe_bytes() == bytes.as_slice())
+            .map(|v| v.child.clone());
+        match existing {
+            Some(c) => Ok(c),
+            None => Ok(Arc::new(Child::new(self.engine.clone(), recipe)?)),
+        }
+    }
+
+    /// Refuses a sweep recipe that names other models than the mount's.
+    fn check_same_models(&self, spec: &RecipeSpec) -> std::result::Result<(), String> {
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let dirs: Vec<PathBuf> = self.engine.models.list.iter().map(|c| c.dir.clone()).collect();
+        if let Some(b) = &spec.base {
+            if canon(b) != dirs[0] {
+                return Err(format!("names base {}, the mount's base is {}", b.display(), dirs[0].display()));
+            }
+        }
+        if let Some(ps) = &spec.parents {
+            let ps: Vec<PathBuf> = ps.iter().map(|p| canon(p)).collect();
+            if ps[..] != dirs[1..] {
+                return Err("names other parents than the mount's".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates (or finds) the variant called `name`.
+    fn variant_by_name(&self, name: &str) -> std::result::Result<usize, String> {
+        if let Some(&k) = self.names.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(k);
+        }
+        check_variant_name(name)?;
+        let spec = RecipeSpec::from_variant_name(name).map_err(|e| e.to_string())?;
+        let recipe = self.template_spec().merge(spec).resolve().map_err(|e| e.to_string())?;
+        let _g = self.create.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&k) = self.names.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(k);
+        }
+        let t = Instant::now();
+        let child = self.child_for(recipe).map_err(|e| e.to_string())?;
+        let k = self.push_variant(name.to_string(), child);
+        log(&format!("variant {name:?} created in {:.1} ms", t.elapsed().as_secs_f64() * 1e3));
+        Ok(k)
+    }
+
+    fn node(&self, ino: u64) -> std::result::Result<Node, FsError> {
+        if ino == ROOT {
+            return Ok(Node::Root);
+        }
+        let hi = ino >> 32;
+        let lo = ino & 0xffff_ffff;
+        if hi == 0 {
+            return Err(FsError::NotFound);
+        }
+        let v = (hi - 1) as usize;
+        let var = self.variant(v).ok_or(FsError::NotFound)?;
+        if lo == 0 {
+            if !self.is_variants() {
+                return Err(FsError::NotFound);
+            }
+            return Ok(Node::Dir(v));
+        }
+        let i = (lo - 1) as usize;
+        if i >= var.child.files.len() {
+            return Err(FsError::NotFound);
+        }
+        Ok(Node::File(v, i))
+    }
+
+    fn dir_attr(&self, ino: u64) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::Dir,
+            size: 0,
+            perm: 0o555,
+            nlink: 2,
+            mtime: self.mtime,
+            uid: self.opts.uid,
+            gid: self.opts.gid,
+            blksize: BLKSIZE,
+        }
+    }
+
+    fn file_attr(&self, v: usize, i: usize) -> std::result::Result<Attr, FsError> {
+        let var = self.variant(v).ok_or(FsError::NotFound)?;
+        let f = var.child.files.get(i).ok_or(FsError::NotFound)?;
+        Ok(Attr {
+            ino: file_ino(v, i),
+            kind: Kind::File,
+            size: f.size,
+            perm: 0o444,
+            nlink: 1,
+            mtime: var.mtimes.get(i).copied().unwrap_or(self.mtime),
+            uid: self.opts.uid,
+            gid: self.opts.gid,
+            blksize: BLKSIZE,
+        })
+    }
+
+    /// Attributes of inode `ino`.
+    pub fn getattr(&self, ino: u64) -> std::result::Result<Attr, FsError> {
+        match self.node(ino)? {
+            Node::Root => Ok(self.dir_attr(ROOT)),
+            Node::Dir(v) => Ok(self.dir_attr(dir_ino(v))),
+            Node::File(v, i) => self.file_attr(v, i),
+        }
+    }
+
+    /// Looks `name` up in directory `parent`. In the variants layout, a valid variant name
+    /// that does not exist yet is created; an invalid one is refused (ENOENT) with a log line.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> std::result::Result<Attr, FsError> {
+        let node = self.node(parent)?;
+        let Some(name) = name.to_str() else { return Err(FsError::NotFound) };
+        match node {
+            Node::File(..) => Err(FsError::NotDir),
+            Node::Root if self.is_variants() => match self.variant_by_name(name) {
+                Ok(k) => Ok(self.dir_attr(dir_ino(k))),
+                Err(why) => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    self.log_refusal(name, &why);
+                    Err(FsError::NotFound)
+                }
+            },
+            Node::Root => self.lookup_file(0, name),
+            Node::Dir(v) => self.lookup_file(v, name),
+        }
+    }
+
+    fn lookup_file(&self, v: usize, name: &str) -> std::result::Result<Attr, FsError> {
+        let var = self.variant(v).ok_or(FsError::NotFound)?;
+        let i = var.child.file(name).ok_or(FsError::NotFound)?;
+        self.file_attr(v, i)
+    }
+
+    fn log_refusal(&self, name: &str, why: &str) {
+        let mut seen = self.refused_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() < 10_000 && seen.insert(name.to_string()) {
+            log(&format!("no variant {name:?}: {why}"));
+        }
+    }
+
+    /// The entries of directory `ino`, `.` and `..` first.
+    pub fn readdir(&self, ino: u64) -> std::result::Result<Vec<DirEntry>, FsError> {
+        let node = self.node(ino)?;
+        let mut out = vec![
+            DirEntry { ino, kind: Kind::Dir, name: ".".into() },
+            DirEntry { ino: ROOT, kind: Kind::Dir, name: "..".into() },
+        ];
+        let files_of = |v: usize, out: &mut Vec<DirEntry>| -> std::result::Result<(), FsError> {
+            let var = self.variant(v).ok_or(FsError::NotFound)?;
+            out.extend(var.child.files.iter().enumerate().map(|(i, f)| DirEntry {
+                ino: file_ino(v, i),
+                kind: Kind::File,
+                name: f.name.clone(),
+            }));
+            Ok(())
+        };
+        match node {
+            Node::File(..) => return Err(FsError::NotDir),
+            Node::Root if self.is_variants() => {
+                let vs = self.variants.read().unwrap_or_else(|e| e.into_inner());
+                out.extend(vs.iter().enumerate().map(|(k, v)| DirEntry { ino: dir_ino(k), kind: Kind::Dir, name: v.name.clone() }));
+            }
+            Node::Root => files_of(0, &mut out)?,
+            Node::Dir(v) => files_of(v, &mut out)?,
+        }
+        Ok(out)
+    }
+
+    /// Opens inode `ino` with open(2) `flags`; returns a file handle. Anything that could
+    /// write is refused with EROFS; `O_DIRECT` is served like any other open.
+    pub fn open(&self, ino: u64, flags: i32) -> std::result::Result<u64, FsError> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) != 0 {
+            return Err(FsError::ReadOnly);
+        }
+        match self.node(ino)? {
+            Node::File(..) => {}
+            _ => return Err(FsError::IsDir),
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.counters.opens.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Handle { ino, seq: SeqState::default() });
+        Ok(fh)
+    }
+
+    /// Forgets a file handle.
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
+    }
+
+    /// Opens directory `ino` (checks that it is one).
+    pub fn opendir(&self, ino: u64) -> std::result::Result<(), FsError> {
+        match self.node(ino)? {
+            Node::File(..) => Err(FsError::NotDir),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads file `ino` at `offset` into `buf` (full unless at the end of the file); returns
+    /// the bytes read. Errors are logged and become [`FsError::Io`].
+    pub fn read(&self, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> std::result::Result<usize, FsError> {
+        let (v, i) = match self.node(ino)? {
+            Node::File(v, i) => (v, i),
+            _ => return Err(FsError::IsDir),
+        };
+        let var = self.variant(v).ok_or(FsError::NotFound)?;
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        match var.child.read(i, offset, buf) {
+            Ok(n) => {
+                self.counters.bytes_served.fetch_add(n as u64, Ordering::Relaxed);
+                var.served.fetch_add(n as u64, Ordering::Relaxed);
+                self.after_read(&var, v, i, fh, offset, n as u64);
+                Ok(n)
+            }
+            Err(e) => {
+                self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+                let file = var.child.files.get(i).map_or("?", |f| f.name.as_str());
+                let path = if var.name.is_empty() { file.to_string() } else { format!("{}/{file}", var.name) };
+                log(&format!("read error (EIO) in {path} at {offset}+{}: {e}", buf.len()));
+                Err(FsError::Io)
+            }
+        }
+    }
+
+    fn after_read(&self, var: &Arc<Variant>, v: usize, i: usize, fh: u64, offset: u64, n: u64) {
+        let Some(p) = self.prefetcher.get() else { return };
+        let Some(f) = var.child.files.get(i) else { return };
+        if !matches!(f.kind, FileKind::Shard(_)) {
+            return;
+        }
+        let range = {
+            let mut hs = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            match hs.get_mut(&fh) {
+                Some(h) if h.ino == file_ino(v, i) => h.seq.observe(offset, n, f.size, &self.opts.prefetch),
+                _ => None,
+            }
+        };
+        if let Some((from, len)) = range {
+            p.submit(var.child.clone(), i, from, len);
+        }
+    }
+
+    /// Extended attribute `name` of `ino`: the status report on directories.
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> std::result::Result<Vec<u8>, FsError> {
+        match self.node(ino)? {
+            Node::Root | Node::Dir(_) if name == STATUS_XATTR => Ok(self.status_bytes()),
+            _ => Err(FsError::NoData),
+        }
+    }
+
+    /// Filesystem statistics.
+    pub fn statfs(&self) -> StatFs {
+        let vs = self.variants.read().unwrap_or_else(|e| e.into_inner());
+        let bytes: u64 = vs.first().map_or(0, |v| v.child.files.iter().map(|f| f.size).sum());
+        let files: u64 = vs.iter().map(|v| v.child.files.len() as u64 + 1).sum::<u64>() + 1;
+        StatFs { blocks: bytes.div_ceil(4096), files }
+    }
+
+    /// The status report as JSON.
+    pub fn status_json(&self) -> Value {
+        let c = &self.engine.cache.counters;
+        let computed = c.computed_bytes.load(Ordering::Relaxed);
+        let ns = c.compute_ns.load(Ordering::Relaxed);
+        let models = &self.engine.models.list;
+        let vs = self.variant_list();
+        let variants: Vec<Value> = vs
+            .iter()
+            .map(|v| {
+                let mut r = v.child.recipe.to_json();
+                if let Some(o) = r.as_object_mut() {
+                    o.remove("base");
+                    o.remove("parents");
+                    o.remove("aoe_version");
+                }
+                json!({"name": v.name, "recipe": r, "bytes_served": v.served.load(Ordering::Relaxed)})
+            })
+            .collect();
+        let pf = self.prefetcher.get().map(|p| {
+            json!({
+                "jobs": p.counters.jobs.load(Ordering::Relaxed),
+                "dropped": p.counters.dropped.load(Ordering::Relaxed),
+                "bytes_computed": p.counters.computed.load(Ordering::Relaxed),
+                "errors": p.counters.errors.load(Ordering::Relaxed),
+            })
+        });
+        json!({
+            "aoe_version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "mountpoint": self.opts.mountpoint.to_string_lossy(),
+            "log": self.opts.log_file.as_ref().map(|p| p.to_string_lossy().to_string()),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "layout": if self.is_variants() { "variants" } else { "single" },
+            "base": models.first().map(|m| m.dir.to_string_lossy().to_string()),
+            "parents": models.iter().skip(1).map(|m| m.dir.to_string_lossy().to_string()).collect::<Vec<_>>(),
+            "variants": variants,
+            "bytes_served": self.counters.bytes_served.load(Ordering::Relaxed),
+            "reads": self.counters.reads.load(Ordering::Relaxed),
+            "opens": self.counters.opens.load(Ordering::Relaxed),
+            "read_errors": self.counters.read_errors.load(Ordering::Relaxed),
+            "names_refused": self.counters.refused.load(Ordering::Relaxed),
+            "bytes_computed": computed,
+            "compute_seconds": ns as f64 / 1e9,
+            "compute_gbps": if ns > 0 { computed as f64 / ns as f64 } else { 0.0 },
+            "cache_hits": c.hits.load(Ordering::Relaxed),
+            "cache_misses": c.misses.load(Ordering::Relaxed),
+            "compute_errors": c.errors.load(Ordering::Relaxed),
+            "cache_held": self.engine.cache.held(),
+            "cache_budget": self.engine.cache.budget(),
+            "chunk_bytes": self.engine.chunk_bytes,
+            "prefetch": pf,
+        })
+    }
+
+    /// The status report's bytes, within the size of an extended attribute (variants beyond
+    /// what fits are left out and counted).
+    pub fn status_bytes(&self) -> Vec<u8> {
+        let mut v = self.status_json();
+        let mut bytes = serde_json::to_vec(&v).unwrap_or_default();
+        if bytes.len() > STATUS_MAX {
+            if let Some(list) = v.get_mut("variants").and_then(Value::as_array_mut) {
+                let total = list.len();
+                while serde_json::to_vec(list).map_or(0, |b| b.len()) > STATUS_MAX - 4096 && !list.is_empty() {
+                    list.pop();
+                }
+                let kept = list.len();
+                v["variants_omitted"] = json!(total - kept);
+            }
+            bytes = serde_json::to_vec(&v).unwrap_or_default();
+        }
+        bytes
+    }
+}
+
+/// Checks that `name` can be a directory name (the recipe itself is checked by parsing it).
+fn check_variant_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err("not a usable directory name".into());
+    }
+    if name.len() > 255 {
+        return Err("longer than 255 bytes".into());
+    }
+    Ok(())
+}
+
+/// Parses a sweep file: a JSON object mapping variant names to recipes (JSON objects with the
+/// fields of `aoe_recipe.json`, or strings in variant-name syntax).
+pub fn read_sweep(path: &Path) -> Result<Vec<(String, RecipeSpec)>> {
+    let bad = |reason: String| Error::BadRecipe { reason: format!("sweep file {}: {reason}", path.display()) };
+    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| bad("must be a JSON object mapping variant names to recipes".into()))?;
+    let mut out = Vec::with_capacity(obj.len());
+    for (name, r) in obj {
+        let spec = match r {
+            Value::String(s) => RecipeSpec::from_variant_name(s),
+            other => RecipeSpec::from_json(other),
+        }
+        .map_err(|e| bad(format!("{name:?}: {e}")))?;
+        out.push((name.clone(), spec));
+    }
+    Ok(out)
+}
+
+/// Writes a log line with a UTC timestamp to stderr (the log file when daemonized).
+pub fn log(msg: &str) {
+    eprintln!("{} aoe-mount[{}]: {msg}", timestamp(SystemTime::now()), std::process::id());
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = if month <= 2 { y + 1 } else { y };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_civil_dates() {
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + std::time::Duration::from_millis(1_709_251_199_123); // leap year
+        assert_eq!(timestamp(t), "2024-02-29T23:59:59.123Z");
+    }
+
+    #[test]
+    fn inode_numbers_round_trip() {
+        assert_eq!(dir_ino(0), 1 << 32);
+        assert_eq!(file_ino(2, 5), (3 << 32) | 6);
+        assert_ne!(dir_ino(0), ROOT);
+    }
+
+    #[test]
+    fn variant_names_must_be_directory_names() {
+        assert!(check_variant_name("lambda=0.5").is_ok());
+        assert!(check_variant_name("").is_err());
+        assert!(check_variant_name("a/b").is_err());
+        assert!(check_variant_name("..").is_err());
+        assert!(check_variant_name(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn errors_map_to_errnos() {
+        assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
+        assert_eq!(FsError::Io.errno(), libc::EIO);
+        assert_eq!(FsError::NotFound.errno(), libc::ENOENT);
+    }
+}

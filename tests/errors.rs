@@ -1,0 +1,192 @@
+//! Every bad input ends with one clear message naming the file and tensor, and exit code 1.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use aoe::fixture::FixtureDType;
+use common::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs `aoe write` (or the given command) and asserts a clean failure whose message holds
+/// every one of `needles`.
+fn fails(args: &[&str], needles: &[&str]) {
+    let out = aoe(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "aoe {args:?} should fail with 1, stderr:\n{err}");
+    assert!(!err.contains("panicked"), "aoe {args:?} panicked:\n{err}");
+    assert!(err.starts_with("aoe: error: "), "aoe {args:?}: unexpected stderr:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "aoe {args:?}: message lacks {n:?}:\n{err}");
+    }
+    assert_eq!(err.lines().count(), 1, "one message, one line:\n{err}");
+}
+
+struct Fam {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    m: Vec<PathBuf>,
+}
+
+fn fam() -> Fam {
+    let tmp = tempdir();
+    let root = tmp.path().to_path_buf();
+    let m = family(&root, FixtureDType::Fp8, 2, 21);
+    Fam { _tmp: tmp, root, m }
+}
+
+/// The shard of `dir` holding `tensor`, from its index.
+fn shard_of(dir: &Path, tensor: &str) -> PathBuf {
+    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+    dir.join(idx["weight_map"][tensor].as_str().unwrap())
+}
+
+const T: &str = "model.layers.0.self_attn.q_a_proj.weight";
+const N: &str = "model.norm.weight";
+
+#[test]
+fn missing_or_wrong_directories() {
+    let f = fam();
+    let out = f.root.join("out");
+    let missing = f.root.join("nope");
+    fails(&["write", "--base", s(&missing), "--parent", s(&f.m[1]), "--lambda", "0.5", s(&out)], &[s(&missing), "No such file"]);
+    let file = f.m[0].join("config.json");
+    fails(&["write", "--base", s(&f.m[0]), "--parent", s(&file), "--lambda", "0.5", s(&out)], &["config.json", "not a directory"]);
+    let empty = f.root.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(&["write", "--base", s(&empty), "--parent", s(&f.m[1]), "--lambda", "0.5", s(&out)], &["empty", "not a checkpoint"]);
+    assert!(!out.exists(), "nothing may be written on error");
+}
+
+#[test]
+fn malformed_index_and_headers() {
+    let f = fam();
+    let out = f.root.join("out");
+    let run = |p: &Path, needles: &[&str]| fails(&["write", "--base", s(&f.m[0]), "--parent", s(p), "--lambda", "0.5", s(&out)], needles);
+
+    let p = copy_dir(&f.m[1], &f.root.join("bad-index"));
+    std::fs::write(p.join("model.safetensors.index.json"), b"{\"weight_map\": [").unwrap();
+    run(&p, &["model.safetensors.index.json", "malformed index"]);
+
+    let p = copy_dir(&f.m[1], &f.root.join("bad-header"));
+    let sh = shard_of(&p, T);
+    let mut bytes = std::fs::read(&sh).unwrap();
+    bytes[8] = b'x';
+    std::fs::write(&sh, bytes).unwrap();
+    run(&p, &[sh.file_name().unwrap().to_str().unwrap(), "malformed safetensors header"]);
+
+    let p = copy_dir(&f.m[1], &f.root.join("bad-offsets"));
+    let sh = shard_of(&p, T);
+    rewrite_header(&sh, |v| {
+        let e = &mut v[T]["data_offsets"];
+        let end = e[1].as_u64().unwrap();
+        *e = serde_json::json!([end * 1000, end * 1000 + (end - e[0].as_u64().unwrap())]);
+    });
+    run(&p, &[T, "run past the data"]);
+
+    let p = copy_dir(&f.m[1], &f.root.join("overlap"));
+    let sh = shard_of(&p, T);
+    let mut moved = String::new();
+    rewrite_header(&sh, |v| {
+        // Shift the last tensor of the shard 4 bytes back, into its predecessor.
+        let (name, begin) = v
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k != "__metadata__")
+            .map(|(k, e)| (k.clone(), e["data_offsets"][0].as_u64().unwrap()))
+            .max_by_key(|x| x.1)
+            .unwrap();
+        let end = v[&name]["data_offsets"][1].as_u64().unwrap();
+        v[&name]["data_offsets"] = serde_json::json!([begin - 4, end - 4]);
+        moved = name;
+    });
+    run(&p, &[&moved, "overlaps"]);
+
+    let p = copy_dir(&f.m[1], &f.root.join("dtype"));
+    let sh = shard_of(&p, T);
+    rewrite_header(&sh, |v| v[T]["dtype"] = serde_json::json!("Q4_K"));
+    run(&p, &[T, "unknown dtype"]);
+}
+
+#[test]
+fn missing_tensor_shape_and_dtype_mismatches() {
+    let f = fam();
+    let out = f.root.join("out");
+    let run = |p: &Path, needles: &[&str]| fails(&["write", "--base", s(&f.m[0]), "--parent", s(p), "--lambda", "0.5", s(&out)], needles);
+
+    let p = copy_dir(&f.m[1], &f.root.join("missing"));
+    let sh = shard_of(&p, N);
+    rewrite_header(&sh, |v| {
+        let e = v.as_object_mut().unwrap().remove(N).unwrap();
+        v["model.renamed.weight"] = e;
+    });
+    let ip = p.join("model.safetensors.index.json");
+    let mut idx: serde_json::Value = serde_json::from_slice(&std::fs::read(&ip).unwrap()).unwrap();
+    let file = idx["weight_map"].as_object_mut().unwrap().remove(N).unwrap();
+    idx["weight_map"]["model.renamed.weight"] = file;
+    std::fs::write(&ip, serde_json::to_vec(&idx).unwrap()).unwrap();
+    run(&p, &[s(&p), N, "missing"]);
+
+    let p = copy_dir(&f.m[1], &f.root.join("shape"));
+    let sh = shard_of(&p, T);
+    rewrite_header(&sh, |v| {
+        let shape = v[T]["shape"].as_array().unwrap().clone();
+        v[T]["shape"] = serde_json::json!([shape[1], shape[0]]);
+    });
+    run(&p, &[T, "has shape", "the base has"]);
+
+    let p = copy_dir(&f.m[1], &f.root.join("int"));
+    let sh = shard_of(&p, N);
+    rewrite_header(&sh, |v| v[N]["dtype"] = serde_json::json!("I16"));
+    run(&p, &[N, "I16", "cannot be interpolated"]);
+}
+
+#[test]
+fn bad_weights_subsets_and_regexes() {
+    let f = fam();
+    let out = f.root.join("out");
+    let (b, p) = (s(&f.m[0]), s(&f.m[1]));
+    let o = s(&out);
+    fails(&["write", "--base", b, "--parent", p, "--weights", "0.5,0.3,0.2", o], &["3 weights given, 2 needed"]);
+    fails(&["write", "--base", b, "--parent", p, "--weights", "nan,0.5", o], &["finite"]);
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "inf", o], &["finite"]);
+    fails(&["write", "--base", b, "--parent", p, "--weights", "1.5,-0.5", o], &["not convex", "--allow-extrapolation"]);
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--subset", "expert", o], &["unknown subset \"expert\""]);
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--subset", "re:(", o], &["bad regex \"(\""]);
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--rule", "[=0,1", o], &["bad regex \"[\""]);
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--rule", "x=1,0,0", o], &["3 weights given, 2 needed"]);
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--metric", "l2", o], &["unknown metric"]);
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--delta", "-1", o], &["--delta"]);
+    fails(&["write", "--base", b, "--lambda", "0.5", o], &["--parent"]);
+    fails(&["write", "--base", b, "--parent", p, o], &["--lambda"]);
+    assert!(!out.exists());
+    // Extrapolation is allowed when asked for.
+    aoe_ok(&["write", "--base", b, "--parent", p, "--weights", "1.5,-0.5", "--allow-extrapolation", o]);
+}
+
+#[test]
+fn output_that_is_a_parent_or_not_empty() {
+    let f = fam();
+    let (b, p) = (s(&f.m[0]), s(&f.m[1]));
+    let before: Vec<Vec<u8>> = files(&f.m[1]).iter().map(|x| std::fs::read(f.m[1].join(x)).unwrap()).collect();
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--force", p], &[p, "is a parent"]);
+    let inside = f.m[1].join("child");
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", s(&inside)], &["inside parent"]);
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--force", s(&f.root)], &["contains parent"]);
+    let after: Vec<Vec<u8>> = files(&f.m[1]).iter().map(|x| std::fs::read(f.m[1].join(x)).unwrap()).collect();
+    assert_eq!(before, after, "a parent was modified");
+    assert!(!inside.exists());
+
+    let busy = f.root.join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("keep.txt"), b"mine").unwrap();
+    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", s(&busy)], &["not empty", "--force"]);
+    aoe_ok(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--force", s(&busy)]);
+    assert_eq!(std::fs::read(busy.join("keep.txt")).unwrap(), b"mine", "--force keeps unrelated files");
+    assert!(busy.join("aoe_recipe.json").is_file());
+    assert!(!files(&busy).iter().any(|f| f.contains("aoe-tmp")), "temporary files left behind");
+}
