@@ -580,10 +580,18 @@ fn fmt_tick(v: f64, step: f64) -> String {
     if v == 0.0 {
         return "0".into();
     }
-    let dec = (-step.abs().log10().floor()).max(0.0) as usize;
+    let step_exp = step.abs().log10().floor();
+    let dec = (-step_exp).max(0.0) as usize;
     if dec > 4 || v.abs() >= 1e6 {
-        let s = format!("{v:.1e}");
-        s.replace(".0e", "e")
+        // Enough mantissa digits to tell neighbouring ticks apart, trailing zeros dropped.
+        let prec = (v.abs().log10().floor() - step_exp).clamp(0.0, 12.0) as usize;
+        let s = format!("{v:.prec$e}");
+        match s.split_once('e') {
+            Some((m, e)) if m.contains('.') => {
+                format!("{}e{e}", m.trim_end_matches('0').trim_end_matches('.'))
+            }
+            _ => s,
+        }
     } else {
         format!("{v:.dec$}")
     }
@@ -666,7 +674,7 @@ pub fn plot_svg(rows: &[DiffRow], metric: Metric) -> String {
 
     let x0 = 80.0;
     let y0 = 96.0;
-    let col_w = ((W - x0 - 160.0) / groups.len() as f64).min(100.0);
+    let col_w = ((W - x0 - 180.0) / groups.len() as f64).min(100.0);
     let cell_h = (620.0 / layers.len() as f64).clamp(10.0, 24.0);
     let heat_h = cell_h * layers.len() as f64;
     let heat_w = col_w * groups.len() as f64;
@@ -689,15 +697,17 @@ pub fn plot_svg(rows: &[DiffRow], metric: Metric) -> String {
         f(W / 2.0),
         esc(&title)
     );
-    let nan_rows = rows.iter().filter(|r| r.value(metric).is_nan()).count();
+    let nan_rows = rows.iter().filter(|r| !r.value(metric).is_finite()).count();
+    let grey = cells.values().any(|c| c.1 == 0);
     let sub = format!(
-        "{} tensors; cell colour = mean per layer and group{}",
+        "{} tensors; cell colour = mean per layer and group{}{}",
         rows.len(),
         if nan_rows > 0 {
-            format!(" ({nan_rows} NaN excluded; all-NaN cells grey)")
+            format!(" ({nan_rows} NaN/inf excluded)")
         } else {
             String::new()
-        }
+        },
+        if grey { "; grey: only NaN/inf" } else { "" }
     );
     let _ = writeln!(
         s,
@@ -747,10 +757,10 @@ pub fn plot_svg(rows: &[DiffRow], metric: Metric) -> String {
                 format!("mean {} over {n} tensors", fmt_g(m)),
             )
         } else {
-            ("#bbbbbb".to_string(), "all NaN".to_string())
+            ("#bbbbbb".to_string(), "all NaN/inf".to_string())
         };
         let nan_note = if nans > 0 && n > 0 {
-            format!(", {nans} NaN excluded")
+            format!(", {nans} NaN/inf excluded")
         } else {
             String::new()
         };
@@ -789,10 +799,11 @@ pub fn plot_svg(rows: &[DiffRow], metric: Metric) -> String {
     let _ = writeln!(s, "</linearGradient></defs>");
     let _ = writeln!(
         s,
-        "<text x=\"{}\" y=\"{}\" font-size=\"12\">mean {}</text>",
-        f(lx),
+        "<text x=\"{x}\" y=\"{}\" font-size=\"12\">mean</text><text x=\"{x}\" y=\"{}\" font-size=\"12\">{}</text>",
+        f(y0 - 24.0),
         f(y0 - 8.0),
-        esc(metric.name())
+        esc(metric.name()),
+        x = f(lx)
     );
     let _ = writeln!(
         s,
@@ -814,10 +825,10 @@ pub fn plot_svg(rows: &[DiffRow], metric: Metric) -> String {
             y = f(y)
         );
     }
-    if cells.values().any(|c| c.1 == 0) {
+    if grey {
         let _ = writeln!(
             s,
-            "<rect x=\"{}\" y=\"{}\" width=\"18\" height=\"12\" fill=\"#bbbbbb\"/><text x=\"{}\" y=\"{}\" font-size=\"11\" dominant-baseline=\"central\">NaN</text>",
+            "<rect x=\"{}\" y=\"{}\" width=\"18\" height=\"12\" fill=\"#bbbbbb\"/><text x=\"{}\" y=\"{}\" font-size=\"11\" dominant-baseline=\"central\">NaN/inf</text>",
             f(lx),
             f(y0 + lh + 14.0),
             f(lx + 26.0),
@@ -867,9 +878,10 @@ fn histogram(
     let (ml, mr, mt, mb) = (58.0, 14.0, 30.0, 42.0);
     let (ax, ay, aw, ah) = (px + ml, py + mt, pw - ml - mr, ph - mt - mb);
     let head = format!(
-        "{} \u{2014} {} tensors{}",
+        "{} \u{2014} {} tensor{}{}",
         g.name(),
         vals.len(),
+        if vals.len() == 1 { "" } else { "s" },
         if excluded > 0 {
             format!(" ({excluded} NaN/inf excluded)")
         } else {
@@ -1298,5 +1310,9 @@ mod tests {
         assert_eq!(fmt_g(1.25), "1.25000");
         assert_eq!(fmt_g(0.000123), "0.000123000");
         assert_eq!(fmt_g(1.5e-7), "1.50000e-7");
+        assert_eq!(fmt_tick(1.28e-4, 2e-6), "1.28e-4");
+        assert_eq!(fmt_tick(2.5e-4, 5e-5), "2.5e-4");
+        assert_eq!(fmt_tick(2e-4, 5e-5), "2e-4");
+        assert_eq!(fmt_tick(0.0005, 0.0001), "0.0005");
     }
 }

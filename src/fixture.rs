@@ -28,7 +28,7 @@
 //!
 //! | group | target |
 //! |---|---|
-//! | routed experts | 0.35 + 2.9·q (≈0.35 in the first MoE layer … ≈3.25 in the last) |
+//! | routed experts | 0.3 + 2.7·q (≈0.3 in the first MoE layer … ≈3.0 in the last) |
 //! | shared experts | 0.35 + 1.4·q |
 //! | router weight | 0.8 + 1.2·q |
 //! | attention | 2.4 − 1.8·p (early layers differ most) |
@@ -38,7 +38,7 @@
 //! | other (`eh_proj`) | 1.5 |
 //!
 //! each times a per-tensor jitter in [0.9, 1.1]. Sibling k ≥ 3 gets the sibling-2 target times a
-//! per-(tensor, sibling) factor in [0.55, 1.15], so the max over donors is sometimes a later
+//! per-(tensor, sibling) factor in [0.55, 1.1], so the max over donors is sometimes a later
 //! sibling. The base itself carries 45 % of the smallest donor difference as its own noise.
 //! Only FP8 weights are measured in code units. Tensors stored as BF16 or F32 get a difference
 //! noise of 0.01·target·(|μ_t|+σ_t) instead (large enough to survive BF16 rounding), so their
@@ -537,7 +537,7 @@ impl FamilySpec {
             (l.saturating_sub(self.dense_layers) as f64 / (moe_span - 1.0).max(1.0)).min(1.0)
         });
         let base = match group_of(name) {
-            Group::Experts => 0.35 + 2.9 * q,
+            Group::Experts => 0.3 + 2.7 * q,
             Group::Shared => 0.35 + 1.4 * q,
             Group::Router => 0.8 + 1.2 * q,
             Group::Norms => 0.3,
@@ -550,7 +550,7 @@ impl FamilySpec {
         let f = if sibling == 2 {
             1.0
         } else {
-            0.55 + 0.6 * unit(mix64(h ^ mix64(self.seed ^ sibling as u64)))
+            0.55 + 0.55 * unit(mix64(h ^ mix64(self.seed ^ sibling as u64)))
         };
         base * jitter * f
     }
@@ -788,46 +788,146 @@ fn e4m3_table() -> [f32; 256] {
     t
 }
 
+/// f32 → BF16 bits, round to nearest even; NaN stays NaN (quiet).
 #[inline]
 fn f32_to_bf16_bits(x: f32) -> u16 {
-    half::bf16::from_f32(x).to_bits()
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        ((b >> 16) as u16) | 0x0040
+    } else {
+        rounded
+    }
 }
 
-/// Quantizes `rows × cols` values (rows starting on a block boundary) to E4M3 codes per
-/// 128×128 block; appends one F32 scale per block (row-major) to `scales` as LE bytes.
-fn quantize_band(
-    vals: &[f32],
-    cols: usize,
-    codes: &mut [u8],
-    amax: &mut Vec<f32>,
-    scales: &mut Vec<u8>,
-) {
-    let rows = vals.len() / cols;
-    let nbc = cols.div_ceil(BLOCK);
-    scales.clear();
-    for rb in (0..rows).step_by(BLOCK) {
-        let re = (rb + BLOCK).min(rows);
-        amax.clear();
-        amax.resize(nbc, 0.0);
-        for row in vals[rb * cols..re * cols].chunks_exact(cols) {
-            for (m, chunk) in amax.iter_mut().zip(row.chunks(BLOCK)) {
-                *m = chunk.iter().fold(*m, |acc, &x| acc.max(x.abs()));
+/// Instruction sets the hot loops are compiled for (chosen once at run time). Every variant
+/// computes bit-identical results: integer hashing, and f32 operations without contraction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+            {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") {
+                return Isa::Avx2;
             }
         }
-        for m in amax.iter_mut() {
-            *m = if *m > 0.0 { *m / E4M3_MAX } else { 1.0 };
-            scales.extend_from_slice(&m.to_le_bytes());
+        Isa::Scalar
+    })
+}
+
+/// Defines `fn $name` whose body is compiled three times (baseline, AVX2, AVX-512) and
+/// dispatched on [`isa`].
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($a: $t),*) {
+            #[inline(always)]
+            fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bw,avx2")]
+            unsafe fn v512($($a: $t),*) {
+                body($($a),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            unsafe fn v256($($a: $t),*) {
+                body($($a),*)
+            }
+            match isa() {
+                // SAFETY: `isa` detected these CPU features at run time.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { v512($($a),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { v256($($a),*) },
+                Isa::Scalar => body($($a),*),
+            }
         }
-        let src = vals[rb * cols..re * cols].chunks_exact(cols);
-        let dst = codes[rb * cols..re * cols].chunks_exact_mut(cols);
-        for (row, out) in src.zip(dst) {
-            for ((ic, oc), &s) in row
-                .chunks(BLOCK)
-                .zip(out.chunks_mut(BLOCK))
-                .zip(amax.iter())
-            {
-                for (o, &x) in oc.iter_mut().zip(ic) {
-                    *o = f32_to_e4m3(x / s);
+    };
+}
+
+multiversion! {
+    /// `out[j] = mu + sigma · normal(key, i0 + j)`.
+    fn gen_normals(out: &mut [f32], key: u64, i0: u64, mu: f32, sigma: f32) {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = mu + sigma * normal_at(key, i0 + j as u64);
+        }
+    }
+}
+
+multiversion! {
+    /// `out[j] = base[j] + scale · normal(key, i0 + j)`.
+    fn add_normals(out: &mut [f32], base: &[f32], key: u64, i0: u64, scale: f32) {
+        for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+            *o = b + scale * normal_at(key, i0 + j as u64);
+        }
+    }
+}
+
+multiversion! {
+    /// Little-endian BF16 bytes of `vals`.
+    fn encode_bf16(vals: &[f32], out: &mut [u8]) {
+        for (o, &x) in out.chunks_exact_mut(2).zip(vals) {
+            o.copy_from_slice(&f32_to_bf16_bits(x).to_le_bytes());
+        }
+    }
+}
+
+multiversion! {
+    /// Quantizes `rows × cols` values (rows starting on a block boundary) to E4M3 codes per
+    /// 128×128 block; appends one F32 scale per block (row-major) to `scales` as LE bytes.
+    fn quantize_band(
+        vals: &[f32],
+        cols: usize,
+        codes: &mut [u8],
+        amax: &mut Vec<u32>,
+        scales: &mut Vec<u8>,
+    ) {
+        let rows = vals.len() / cols;
+        let nbc = cols.div_ceil(BLOCK);
+        scales.clear();
+        for rb in (0..rows).step_by(BLOCK) {
+            let re = (rb + BLOCK).min(rows);
+            amax.clear();
+            amax.resize(nbc, 0);
+            // |x| compared as bits: for non-NaN floats the order is the same.
+            for row in vals[rb * cols..re * cols].chunks_exact(cols) {
+                for (m, chunk) in amax.iter_mut().zip(row.chunks(BLOCK)) {
+                    *m = chunk
+                        .iter()
+                        .fold(*m, |acc, &x| acc.max(x.to_bits() & 0x7FFF_FFFF));
+                }
+            }
+            for m in amax.iter_mut() {
+                let a = f32::from_bits(*m);
+                let scale = if a > 0.0 { a / E4M3_MAX } else { 1.0 };
+                *m = scale.to_bits();
+                scales.extend_from_slice(&scale.to_le_bytes());
+            }
+            let src = vals[rb * cols..re * cols].chunks_exact(cols);
+            let dst = codes[rb * cols..re * cols].chunks_exact_mut(cols);
+            for (row, out) in src.zip(dst) {
+                for ((ic, oc), &sb) in row.chunks(BLOCK).zip(out.chunks_mut(BLOCK)).zip(amax.iter()) {
+                    let s = f32::from_bits(sb);
+                    for (o, &x) in oc.iter_mut().zip(ic) {
+                        *o = f32_to_e4m3(x / s);
+                    }
                 }
             }
         }
@@ -1067,7 +1167,8 @@ struct Scratch {
     vals: Vec<f32>,
     out: Vec<u8>,
     scales: Vec<u8>,
-    amax: Vec<f32>,
+    amax: Vec<u32>,
+    deq: Vec<f32>,
 }
 
 thread_local! {
@@ -1126,8 +1227,8 @@ impl FamilyWriter<'_> {
             let i0 = r0 * u.cols;
             let n = (r1 - r0) * u.cols;
             s.anc.clear();
-            s.anc
-                .extend((0..n).map(|j| u.mu + u.sigma * normal_at(u.key, (i0 + j) as u64)));
+            s.anc.resize(n, 0.0);
+            gen_normals(&mut s.anc, u.key, i0 as u64, u.mu, u.sigma);
             let dtype = self.tensors[u.w].dtype;
             let esize = dtype.size();
             for (k, &nz) in u.noise.iter().enumerate() {
@@ -1136,12 +1237,8 @@ impl FamilyWriter<'_> {
                     s.vals.extend_from_slice(&s.anc);
                 } else {
                     let key = mix64(u.key ^ (k as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
-                    s.vals.extend(
-                        s.anc
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &a)| a + nz * normal_at(key, (i0 + j) as u64)),
-                    );
+                    s.vals.resize(n, 0.0);
+                    add_normals(&mut s.vals, &s.anc, key, i0 as u64, nz);
                 }
                 s.out.clear();
                 s.out.resize(n * esize, 0);
@@ -1149,11 +1246,7 @@ impl FamilyWriter<'_> {
                     DType::F8E4M3 => {
                         quantize_band(&s.vals, u.cols, &mut s.out, &mut s.amax, &mut s.scales)
                     }
-                    DType::BF16 => {
-                        for (o, &x) in s.out.chunks_exact_mut(2).zip(&s.vals) {
-                            o.copy_from_slice(&f32_to_bf16_bits(x).to_le_bytes());
-                        }
-                    }
+                    DType::BF16 => encode_bf16(&s.vals, &mut s.out),
                     DType::F32 => {
                         for (o, &x) in s.out.chunks_exact_mut(4).zip(&s.vals) {
                             o.copy_from_slice(&x.to_le_bytes());
@@ -1659,14 +1752,14 @@ pub fn write_bf16_copy(src: &Path, dst: &Path) -> io::Result<()> {
                         src_files[st.file]
                             .read_exact_at(&mut s.scales, st.off + (a * cols) as u64)?;
                         let nrb = (b - a).div_ceil(BLOCK);
-                        s.amax.clear();
-                        s.amax.resize(nrb * nbc, 1.0);
+                        s.deq.clear();
+                        s.deq.resize(nrb * nbc, 1.0);
                         if let Some(si) = si {
                             let sc = &src_tensors[si];
                             let mut raw = vec![0u8; nrb * nbc * 4];
                             let off = sc.off + ((a / BLOCK) * nbc * 4) as u64;
                             src_files[sc.file].read_exact_at(&mut raw, off)?;
-                            for (d, c) in s.amax.iter_mut().zip(raw.chunks_exact(4)) {
+                            for (d, c) in s.deq.iter_mut().zip(raw.chunks_exact(4)) {
                                 *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                             }
                         }
@@ -1677,7 +1770,7 @@ pub fn write_bf16_copy(src: &Path, dst: &Path) -> io::Result<()> {
                             .chunks_exact(cols)
                             .zip(s.out.chunks_exact_mut(cols * 2));
                         for (r, (codes, out)) in rows.enumerate() {
-                            let srow = &s.amax[(r / BLOCK) * nbc..(r / BLOCK + 1) * nbc];
+                            let srow = &s.deq[(r / BLOCK) * nbc..(r / BLOCK + 1) * nbc];
                             let blocks = codes.chunks(BLOCK).zip(out.chunks_mut(BLOCK * 2));
                             for ((cb, ob), &scale) in blocks.zip(srow) {
                                 for (&c, o) in cb.iter().zip(ob.chunks_exact_mut(2)) {

@@ -957,14 +957,16 @@ pub fn aoe_mount_exe() -> PathBuf {
     PathBuf::from("aoe-mount")
 }
 
-/// `aoe demo [DIR]`: writes the built-in demo family (FP8 siblings of one ancestor in the
+/// `aoe demo [DIR]`: writes the built-in demo family (two FP8 siblings of one ancestor in the
 /// DeepSeek-V3 layout) under `DIR/family` unless it is there, mounts the λ = 0.5 child of
 /// the first two at `DIR/child`, and returns what to run next.
 pub fn demo(dir: Option<PathBuf>) -> Result<String> {
     use crate::fixture::{write_family, FamilySpec};
     let dir = dir.or_else(default_demo_dir).ok_or_else(|| Error::BadRecipe { reason: "no cache directory: give DIR".into() })?;
     let family = dir.join("family");
-    let spec = FamilySpec::demo();
+    // Two siblings of one ancestor, as the README tells it (the demo preset has a third).
+    let mut spec = FamilySpec::demo();
+    spec.siblings = 2;
     let done = family.join(".complete");
     if !done.is_file() {
         eprintln!("aoe demo: writing a family of {} FP8 siblings ({} MB each) to {} …", spec.siblings, spec.parent_bytes() / 1_000_000, family.display());

@@ -289,7 +289,7 @@ macro_rules! multiversion {
 // ---------------------------------------------------------------------------------------------
 
 /// Lanes per chunk of the vectorizable loops.
-const L: usize = 16;
+const L: usize = 64;
 
 // Every loop below works on whole chunks of L elements held in fixed-size arrays (`&[u8; 32]`,
 // `[f32; 16]`, ...): with the lengths known, LLVM drops the bounds checks and turns each chunk
@@ -331,7 +331,11 @@ impl Dec for Bf16 {
     #[inline(always)]
     fn chunk(c: &[u8]) -> [f32; L] {
         let c: &[u8; 2 * L] = arr(c);
-        std::array::from_fn(|j| bf16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]])))
+        let mut o = [0f32; L];
+        for j in 0..L {
+            o[j] = bf16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]]));
+        }
+        o
     }
 }
 impl Dec for F16 {
@@ -339,7 +343,11 @@ impl Dec for F16 {
     #[inline(always)]
     fn chunk(c: &[u8]) -> [f32; L] {
         let c: &[u8; 2 * L] = arr(c);
-        std::array::from_fn(|j| f16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]])))
+        let mut o = [0f32; L];
+        for j in 0..L {
+            o[j] = f16_to_f32(u16::from_le_bytes([c[2 * j], c[2 * j + 1]]));
+        }
+        o
     }
 }
 impl Dec for F32 {
@@ -347,9 +355,11 @@ impl Dec for F32 {
     #[inline(always)]
     fn chunk(c: &[u8]) -> [f32; L] {
         let c: &[u8; 4 * L] = arr(c);
-        std::array::from_fn(|j| {
-            f32::from_le_bytes([c[4 * j], c[4 * j + 1], c[4 * j + 2], c[4 * j + 3]])
-        })
+        let mut o = [0f32; L];
+        for j in 0..L {
+            o[j] = f32::from_le_bytes([c[4 * j], c[4 * j + 1], c[4 * j + 2], c[4 * j + 3]]);
+        }
+        o
     }
 }
 impl Dec for Fp8 {
@@ -357,7 +367,11 @@ impl Dec for Fp8 {
     #[inline(always)]
     fn chunk(c: &[u8]) -> [f32; L] {
         let c: &[u8; L] = arr(c);
-        std::array::from_fn(|j| fp8_to_f32(c[j]))
+        let mut o = [0f32; L];
+        for j in 0..L {
+            o[j] = fp8_to_f32(c[j]);
+        }
+        o
     }
 }
 impl Enc for Bf16 {
@@ -396,31 +410,32 @@ impl Enc for F32 {
     }
 }
 
-/// Runs `f(src_chunk, dst_chunk)` over whole chunks of L elements, then once over the tail
-/// padded with zeros (results of the padding lanes are discarded). `s_per`/`d_per` (≤ 4) are
-/// the slice elements per lane on each side (bytes per element for byte slices, 1 for f32).
-#[inline(always)]
-fn chunked<A: Copy + Default, B: Copy + Default>(
-    src: &[A],
-    s_per: usize,
-    dst: &mut [B],
-    d_per: usize,
-    mut f: impl FnMut(&[A], &mut [B]),
-) {
-    let mut sc = src.chunks_exact(L * s_per);
-    let mut dc = dst.chunks_exact_mut(L * d_per);
-    for (s, d) in (&mut sc).zip(&mut dc) {
-        f(s, d);
-    }
-    let (s, d) = (sc.remainder(), dc.into_remainder());
-    if !d.is_empty() {
-        let mut sb = [A::default(); 4 * L];
-        let mut db = [B::default(); 4 * L];
-        sb[..s.len()].copy_from_slice(s);
-        db[..d.len()].copy_from_slice(d);
-        f(&sb[..L * s_per], &mut db[..L * d_per]);
-        d.copy_from_slice(&db[..d.len()]);
-    }
+/// Runs `$body` with `$s` bound to each source chunk of `L * $sp` elements and `$d` to the
+/// matching destination chunk of `L * $dp` elements, then once over the tail padded with
+/// zeros (the padding lanes' results are discarded). `$sp`, `$dp` ≤ 4. A macro, not a function
+/// taking a closure: closures are not reliably inlined into the `#[target_feature]` copies.
+macro_rules! chunked {
+    ($src:expr, $sp:expr, $dst:expr, $dp:expr, |$s:ident, $d:ident| $body:block) => {{
+        let (src, sp, dst, dp) = ($src, $sp, $dst, $dp);
+        let mut sc = src.chunks_exact(L * sp);
+        let mut dc = dst.chunks_exact_mut(L * dp);
+        for ($s, $d) in (&mut sc).zip(&mut dc) {
+            $body
+        }
+        let (ts, td) = (sc.remainder(), dc.into_remainder());
+        if !td.is_empty() {
+            let mut sb = [Default::default(); 4 * L];
+            let mut db = [Default::default(); 4 * L];
+            sb[..ts.len()].copy_from_slice(ts);
+            db[..td.len()].copy_from_slice(td);
+            {
+                let $s = &sb[..L * sp];
+                let $d = &mut db[..L * dp];
+                $body
+            }
+            td.copy_from_slice(&db[..td.len()]);
+        }
+    }};
 }
 
 /// `a + b`, except that a NaN `a` is returned as is: when both are NaN the result is `a`'s
@@ -449,7 +464,7 @@ pub(crate) fn mul_nan_first(a: f32, b: f32) -> f32 {
 /// out[i] = dec(src[i]) (× s if SCALED).
 #[inline(always)]
 fn map_k<D: Dec, const SCALED: bool>(src: &[u8], s: f32, out: &mut [f32]) {
-    chunked(src, D::SIZE, out, 1, |c, o| {
+    chunked!(src, D::SIZE, out, 1, |c, o| {
         let d = D::chunk(c);
         let o: &mut [f32; L] = arr_mut(o);
         for j in 0..L {
@@ -466,7 +481,7 @@ fn axpy_k<D: Dec, const SCALED: bool, const FIRST: bool>(
     w: f32,
     acc: &mut [f32],
 ) {
-    chunked(src, D::SIZE, acc, 1, |c, a| {
+    chunked!(src, D::SIZE, acc, 1, |c, a| {
         let d = D::chunk(c);
         let a: &mut [f32; L] = arr_mut(a);
         for j in 0..L {
@@ -505,7 +520,9 @@ fn scale_add_k(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
 
 #[inline(always)]
 fn encode_k<E: Enc>(src: &[f32], out: &mut [u8]) {
-    chunked(src, 1, out, E::SIZE, |s, o| E::put_chunk(o, arr(s)))
+    chunked!(src, 1, out, E::SIZE, |s, o| {
+        E::put_chunk(o, arr(s));
+    })
 }
 
 #[inline(always)]
@@ -564,7 +581,7 @@ fn amax_k(x: &[f32]) -> u32 {
 /// codes[i] = fp8(x[i] / scale) (true division).
 #[inline(always)]
 fn quant_k(x: &[f32], scale: f32, out: &mut [u8]) {
-    chunked(x, 1, out, 1, |c, o| {
+    chunked!(x, 1, out, 1, |c, o| {
         let c: &[f32; L] = arr(c);
         let o: &mut [u8; L] = arr_mut(o);
         for j in 0..L {
@@ -774,23 +791,62 @@ multiversion! {
         nbr: usize,
         nbc: usize,
     ) {
+        let _ = nbc;
         for br in 0..nbr {
             let r0 = br * FP8_BLOCK;
-            let r1 = (r0 + FP8_BLOCK).min(nrows);
-            for bc in 0..nbc {
-                let c0 = bc * FP8_BLOCK;
-                let c1 = (c0 + FP8_BLOCK).min(cols);
-                let mut m = 0u32;
-                for r in r0..r1 {
-                    m = m.max(amax_k(&acc[r * cols + c0..r * cols + c1]));
-                }
-                let scale = block_scale(m);
-                scales[br * nbc + bc] = scale;
-                for r in r0..r1 {
-                    let k = r * cols;
-                    quant_k(&acc[k + c0..k + c1], scale, &mut codes[k + c0..k + c1]);
-                }
+            let rows = FP8_BLOCK.min(nrows - r0);
+            let band = &acc[r0 * cols..(r0 + rows) * cols];
+            let codes = &mut codes[r0 * cols..(r0 + rows) * cols];
+            let mut c0 = 0;
+            while c0 < cols {
+                let c1 = (c0 + TILE_COLS).min(cols);
+                quant_tile(&band[c0..], cols, rows, c0, c1, cols, codes, &mut scales[br * nbc..]);
+                c0 = c1;
             }
+        }
+    }
+}
+
+/// Columns per tile of the row-major FP8 passes (a multiple of 128): 128 rows × 2048 f32 =
+/// 1 MiB, which stays in L2 while every row is read as long sequential runs.
+const TILE_COLS: usize = 16 * FP8_BLOCK;
+
+/// Quantizes one block row, columns `c0..c1` (`c0` a multiple of 128, at most `TILE_COLS`
+/// wide): `t` holds the `rows` rows with stride `ts` (column `c0` at offset 0). Pass 1 takes
+/// the block amaxes row by row, pass 2 quantizes row by row (sequential runs, no 128-row
+/// strided walks). `codes` is the block row of the band (stride `cols`), `scales` the block
+/// row's scales.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn quant_tile(
+    t: &[f32],
+    ts: usize,
+    rows: usize,
+    c0: usize,
+    c1: usize,
+    cols: usize,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) {
+    let w = c1 - c0;
+    let nb = w.div_ceil(FP8_BLOCK);
+    let mut amax = [0u32; TILE_COLS / FP8_BLOCK];
+    for r in 0..rows {
+        let row = &t[r * ts..r * ts + w];
+        for (m, seg) in amax.iter_mut().zip(row.chunks(FP8_BLOCK)) {
+            *m = (*m).max(amax_k(seg));
+        }
+    }
+    let mut sc = [0f32; TILE_COLS / FP8_BLOCK];
+    for b in 0..nb {
+        sc[b] = block_scale(amax[b]);
+        scales[c0 / FP8_BLOCK + b] = sc[b];
+    }
+    for r in 0..rows {
+        let row = &t[r * ts..r * ts + w];
+        let out = &mut codes[r * cols + c0..r * cols + c1];
+        for ((seg, o), s) in row.chunks(FP8_BLOCK).zip(out.chunks_mut(FP8_BLOCK)).zip(&sc) {
+            quant_k(seg, *s, o);
         }
     }
 }
@@ -1108,7 +1164,12 @@ fn mix_at(
     let n = check_mix(inputs, cols, out_dtype, out.len(), out_scales.as_ref().map(|s| s.len()));
     match out_scales {
         None => mix_tiles_mv(level, inputs, cols, out_dtype, out, n),
-        Some(out_scales) => mix_fp8_mv(level, inputs, cols, out, out_scales, n),
+        Some(out_scales) => {
+            let mut tile = FP8_TILE.take();
+            tile.resize(FP8_BLOCK * TILE_COLS, 0.0);
+            mix_fp8_mv(level, inputs, cols, out, out_scales, n, &mut tile);
+            FP8_TILE.set(tile);
+        }
     }
 }
 
@@ -1132,34 +1193,42 @@ multiversion! {
 }
 
 multiversion! {
-    /// FP8 output: one 128×128 block at a time (mix, amax, quantize while it sits in L2).
-    fn mix_fp8_mv(inputs: &[MixInput<'_>], cols: usize, out: &mut [u8], out_scales: &mut [f32], n: usize) {
+    /// FP8 output: per block row, tiles of 128 rows × `TILE_COLS` columns (mix row by row,
+    /// block amaxes, quantize), in the caller's scratch of `128 * TILE_COLS` floats.
+    fn mix_fp8_mv(
+        inputs: &[MixInput<'_>],
+        cols: usize,
+        out: &mut [u8],
+        out_scales: &mut [f32],
+        n: usize,
+        tile: &mut [f32],
+    ) {
         let (nrows, nbr, nbc) = band_dims(n, cols);
-        let mut tile = [0f32; FP8_BLOCK * FP8_BLOCK];
         for br in 0..nbr {
             let r0 = br * FP8_BLOCK;
-            let rh = FP8_BLOCK.min(nrows - r0);
-            for bc in 0..nbc {
-                let c0 = bc * FP8_BLOCK;
-                let bw = FP8_BLOCK.min(cols - c0);
-                let t = &mut tile[..rh * bw];
-                for (i, p) in inputs.iter().enumerate() {
-                    let sz = p.dtype.size();
-                    let s = p.scales.map(|s| s[br * nbc + bc]);
-                    for r in 0..rh {
-                        let k = (r0 + r) * cols + c0;
-                        axpy_any(p.dtype, &p.bytes[k * sz..(k + bw) * sz], s, p.weight, &mut t[r * bw..(r + 1) * bw], i == 0);
+            let rows = FP8_BLOCK.min(nrows - r0);
+            let mut c0 = 0;
+            while c0 < cols {
+                let c1 = (c0 + TILE_COLS).min(cols);
+                let w = c1 - c0;
+                for r in 0..rows {
+                    let t = &mut tile[r * w..(r + 1) * w];
+                    for (i, p) in inputs.iter().enumerate() {
+                        let sc = p.scales.map(|s| (s, cols));
+                        accumulate_range(p.dtype, p.bytes, sc, (r0 + r) * cols + c0, p.weight, t, i == 0);
                     }
                 }
-                let scale = block_scale(amax_k(t));
-                out_scales[br * nbc + bc] = scale;
-                for r in 0..rh {
-                    let k = (r0 + r) * cols + c0;
-                    quant_k(&t[r * bw..(r + 1) * bw], scale, &mut out[k..k + bw]);
-                }
+                let codes = &mut out[r0 * cols..(r0 + rows) * cols];
+                quant_tile(tile, w, rows, c0, c1, cols, codes, &mut out_scales[br * nbc..]);
+                c0 = c1;
             }
         }
     }
+}
+
+thread_local! {
+    /// Reused scratch of [`mix`] with FP8 output (1 MiB per thread; fresh memory is slow).
+    static FP8_TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1549,6 +1618,7 @@ mod tests {
         (3, 128),
         (128, 128),
         (2, 1000),
+        (129, 2500), // wider than one 2048-column tile
     ];
     const DTYPES: &[DType] = &[DType::BF16, DType::F16, DType::F32, DType::F8E4M3];
     const OUT_DTYPES: &[DType] = &[DType::BF16, DType::F16, DType::F32];

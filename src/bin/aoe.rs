@@ -67,6 +67,27 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
     },
+    /// Show what an `aoe-mount` serves: recipe(s), bytes served and computed, cache hits and
+    /// misses, computation speed, errors.
+    ///
+    /// Reads the extended attribute user.aoe.status of the mount's root (nothing is added to
+    /// the checkpoint's listing).
+    Status {
+        /// The mount point.
+        mountpoint: PathBuf,
+        /// Print the raw JSON report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a small built-in model family and mount its λ = 0.5 child: the quickest way to
+    /// see aoe-mount at work.
+    ///
+    /// Two FP8 siblings (with block scales, DeepSeek-V3 layout) of one ancestor are written to
+    /// DIR/family once; the child is mounted at DIR/child.
+    Demo {
+        /// Directory for the family and the mount [default: $XDG_CACHE_HOME/aoe/demo].
+        dir: Option<PathBuf>,
+    },
     /// Write a small generated model family (for tests, demos and benchmarks).
     #[command(hide = true)]
     Fixture {
@@ -153,6 +174,18 @@ fn run(cmd: Cmd) -> Result<()> {
             child.engine.stats.flush()?;
             let text = if json { report.to_json() } else { report.to_table() };
             print!("{text}");
+            Ok(())
+        }
+        Cmd::Status { mountpoint, json } => {
+            if json {
+                println!("{}", aoe::fuse::status_json(&mountpoint)?);
+            } else {
+                print!("{}", aoe::fuse::status_text(&mountpoint)?);
+            }
+            Ok(())
+        }
+        Cmd::Demo { dir } => {
+            print!("{}", aoe::fuse::demo(dir)?);
             Ok(())
         }
         Cmd::Fixture { out, preset, dtype, siblings, seed, bf16_copy, skeleton } => {

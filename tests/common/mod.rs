@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 
 use aoe::fixture::{write_bf16_copy, write_family, FamilySpec, FixtureDType};
 
+pub mod mount;
+
 /// A temporary directory removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("aoe-test-").tempdir().expect("temp dir")
