@@ -88,6 +88,35 @@ enum Cmd {
         /// Directory for the family and the mount [default: $XDG_CACHE_HOME/aoe/demo].
         dir: Option<PathBuf>,
     },
+    /// Measure every weight's normalized difference to the base: ‖W₁ − Wᵢ‖_F / √numel, on
+    /// stored values (FP8 codes without scales) and dequantized values, max over the parents.
+    ///
+    /// Prints a table (or CSV / JSON) with a per-group summary, optionally plots a layer × group
+    /// heatmap and per-group histograms, and fills the statistics cache so that later δ
+    /// decisions (write, plan, mount) cost nothing.
+    Diff {
+        /// Base model M1.
+        #[arg(long, value_name = "DIR")]
+        base: PathBuf,
+        /// Another parent; repeatable.
+        #[arg(long = "parent", value_name = "DIR", required = true)]
+        parents: Vec<PathBuf>,
+        /// Print CSV: name,group,layer,dtype,numel,stored,dequantized.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write an SVG with the heatmap and histograms (stored metric).
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+        /// Worker threads [default: all cores].
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where δ statistics are remembered [default: $XDG_CACHE_HOME/aoe].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
     /// Write a small generated model family (for tests, demos and benchmarks).
     #[command(hide = true)]
     Fixture {
@@ -186,6 +215,36 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Demo { dir } => {
             print!("{}", aoe::fuse::demo(dir)?);
+            Ok(())
+        }
+        Cmd::Diff { base, parents, csv, json, plot, threads, cache_dir } => {
+            use aoe::recipe::Metric;
+            let models = Models::open(&base, &parents)?;
+            let stats = aoe::stats::StatsStore::new(&models, stats_dir(cache_dir).as_deref());
+            let total: u64 = models.base().shards.iter().map(|s| s.size).sum();
+            let pb = byte_progress(total, "measuring");
+            let rows = aoe::diff::compute(&models, &stats, threads_or_cores(threads), &|d, t| {
+                pb.set_length(t);
+                pb.set_position(d);
+            })?;
+            pb.finish_and_clear();
+            stats.flush()?;
+            let summary = aoe::diff::summarize(&rows);
+            let mut out = std::io::stdout().lock();
+            let res = if csv {
+                aoe::diff::write_csv(&rows, &mut out)
+            } else if json {
+                aoe::diff::write_json(&rows, &summary, &mut out)
+            } else {
+                aoe::diff::write_table(&rows, &summary, &mut out)
+            };
+            res.map_err(|e| aoe::Error::io("stdout", e))?;
+            if let Some(p) = plot {
+                let svg = aoe::diff::plot_svg(&rows, Metric::Stored);
+                let tmp = p.with_extension("svg.tmp");
+                std::fs::write(&tmp, svg).map_err(|e| aoe::Error::io(&tmp, e))?;
+                std::fs::rename(&tmp, &p).map_err(|e| aoe::Error::io(&p, e))?;
+            }
             Ok(())
         }
         Cmd::Fixture { out, preset, dtype, siblings, seed, bf16_copy, skeleton } => {
