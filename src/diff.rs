@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -82,9 +82,10 @@ struct Job {
 
 /// Computes every row in parallel on `threads` threads (a rayon pool), largest tensors first,
 /// calling `progress(bytes_done, bytes_total)` as units complete (bytes of the weight and its
-/// scales in every model); rows sorted by name. One row per unit whose base weight has a
-/// mixable dtype. Statistics come from and go to `stats`: a second run over a filled cache
-/// reads no tensor. The store is flushed to its cache directory every 30 s and at the end.
+/// scales in every model; never decreasing, the first call is `(0, total)`); rows sorted by
+/// name. One row per unit whose base weight has a mixable dtype. Statistics come from and go
+/// to `stats`: a second run over a filled cache reads no tensor. The store is flushed to its
+/// cache directory every 30 s and at the end (also when a unit fails).
 ///
 /// Both metrics of a unit are computed back to back, so the second pass over a tensor reads
 /// it from the page cache. A missing tensor, a shape mismatch or an unmixable dtype in a
@@ -141,7 +142,7 @@ pub fn compute(
             reason: format!("cannot start threads: {e}"),
         })?;
     let next = AtomicUsize::new(0);
-    let done = AtomicU64::new(0);
+    let done = Mutex::new(0u64);
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let results: Mutex<Vec<DiffRow>> = Mutex::new(Vec::with_capacity(units.len()));
@@ -184,8 +185,12 @@ pub fn compute(
                     break;
                 }
             }
-            let d = done.fetch_add(job.bytes, Ordering::Relaxed) + job.bytes;
-            progress(d, total);
+            {
+                // Under the lock, so that reports never go backwards.
+                let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
+                *d += job.bytes;
+                progress(*d, total);
+            }
             // One thread at a time saves; the others go on computing.
             if let Ok(mut t) = last_flush.try_lock() {
                 if t.elapsed() >= FLUSH_EVERY {
@@ -1280,7 +1285,7 @@ mod tests {
         }
         assert!(s.contains(">\u{2014}<"));
         // 4 layers × 2 groups + norms + embeddings cells.
-        assert_eq!(s.matches("<rect x=").count() >= 10, true);
+        assert!(s.matches("<rect x=").count() >= 10);
         assert!(s.contains("all NaN"));
         assert!(s.contains("linearGradient"));
         // One histogram per group.

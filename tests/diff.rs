@@ -1,11 +1,12 @@
-//! End to end: `aoe diff` over a generated FP8 family, checked against statistics computed here
-//! from the raw safetensors bytes with plain code (own header parser, own FP8 E4M3 / BF16
-//! decoders).
+//! End to end: the `aoe diff` binary over a generated FP8 family, checked against statistics
+//! computed here from the raw safetensors bytes with plain code (own header parser, own FP8 E4M3
+//! / BF16 decoders), then the statistics cache it fills.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use aoe::diff::{compute, plot_svg, summarize, write_csv, write_json, DiffRow};
+use aoe::diff::{compute, write_csv};
 use aoe::fixture::{write_family, FamilySpec, FixtureDType};
 use aoe::models::Models;
 use aoe::recipe::Metric;
@@ -125,45 +126,48 @@ fn family(dir: &Path) -> Vec<PathBuf> {
     write_family(&FamilySpec::tiny(FixtureDType::Fp8), dir).expect("fixture family")
 }
 
-/// One `aoe diff` run through the library, as the CLI does it: rows, CSV, JSON and the SVG.
-fn run(
-    base: &Path,
-    parents: &[PathBuf],
-    cache: &Path,
-    svg: &Path,
-) -> (Vec<DiffRow>, String, String) {
-    let models = Models::open(base, parents).unwrap();
-    let stats = StatsStore::new(&models, Some(cache));
-    let calls = std::sync::atomic::AtomicU64::new(0);
-    let last = std::sync::Mutex::new((0u64, 0u64));
-    let rows = compute(&models, &stats, 3, &|done, total| {
-        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut l = last.lock().unwrap();
-        assert!(done <= total);
-        *l = (l.0.max(done), total);
-    })
-    .unwrap();
-    let (done, total) = *last.lock().unwrap();
+/// Runs `aoe diff --base BASE --parent P... ARGS` with `XDG_CACHE_HOME=xdg`; returns stdout.
+fn aoe_diff(base: &Path, parents: &[PathBuf], args: &[&str], xdg: &Path) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aoe"));
+    cmd.arg("diff").arg("--base").arg(base);
+    for p in parents {
+        cmd.arg("--parent").arg(p);
+    }
+    let out = cmd
+        .args(args)
+        .env("XDG_CACHE_HOME", xdg)
+        .output()
+        .expect("run aoe");
     assert!(
-        total > 0 && done == total,
-        "progress ends at the total: {done}/{total}"
+        out.status.success(),
+        "aoe diff {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// CSV lines after the header, split (no tensor name of the family needs quoting).
+fn csv_rows(csv: &str) -> Vec<Vec<String>> {
+    let mut lines = csv.lines();
     assert_eq!(
-        calls.into_inner() as usize,
-        rows.len() + 1,
-        "one progress call per unit, plus the start"
+        lines.next(),
+        Some("name,group,layer,dtype,numel,stored,dequantized")
     );
-    stats.flush().unwrap();
-    let mut csv = Vec::new();
-    write_csv(&rows, &mut csv).unwrap();
-    let mut json = Vec::new();
-    write_json(&rows, &summarize(&rows), &mut json).unwrap();
-    std::fs::write(svg, plot_svg(&rows, Metric::Stored)).unwrap();
-    (
-        rows,
-        String::from_utf8(csv).unwrap(),
-        String::from_utf8(json).unwrap(),
-    )
+    lines
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect()
+}
+
+fn stats_files(dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("stats-") && f.ends_with(".json"))
+        .collect();
+    v.sort();
+    v
 }
 
 #[test]
@@ -171,14 +175,19 @@ fn diff_matches_an_independent_computation_and_caches() {
     let tmp = tempfile::tempdir().unwrap();
     let dirs = family(&tmp.path().join("fam"));
     let (m1, m2) = (&dirs[0], &dirs[1]);
+    let parents = std::slice::from_ref(m2);
     let cache = tmp.path().join("cache");
+    let xdg = tmp.path().join("xdg");
     let svg = tmp.path().join("x.svg");
-    let (rows, csv, json) = run(m1, std::slice::from_ref(m2), &cache, &svg);
+    let cache_s = cache.to_str().unwrap();
+    let svg_s = svg.to_str().unwrap();
+    let args = ["--csv", "--cache-dir", cache_s, "--plot", svg_s];
+    let csv = aoe_diff(m1, parents, &args, &xdg);
 
     // Header and one row per unit weight of a mixable dtype, sorted by name.
     let t1 = read_checkpoint(m1);
     let t2 = read_checkpoint(m2);
-    let want: Vec<&String> = t1
+    let want: Vec<&str> = t1
         .iter()
         .filter(|(n, (d, _, _))| {
             let companion = n
@@ -186,22 +195,17 @@ fn diff_matches_an_independent_computation_and_caches() {
                 .is_some_and(|w| t1.contains_key(w));
             !companion && ["F8_E4M3", "BF16", "F16", "F32"].contains(&d.as_str())
         })
-        .map(|(n, _)| n)
+        .map(|(n, _)| n.as_str())
         .collect();
-    let mut lines = csv.lines();
-    assert_eq!(
-        lines.next(),
-        Some("name,group,layer,dtype,numel,stored,dequantized")
-    );
-    let parsed: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
-    let names: Vec<&str> = parsed.iter().map(|c| c[0]).collect();
-    assert_eq!(names, want.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    assert_eq!(rows.len(), want.len());
-    assert!(rows.len() > 50, "the tiny family has many weights");
+    let parsed = csv_rows(&csv);
+    let names: Vec<&str> = parsed.iter().map(|c| c[0].as_str()).collect();
+    assert_eq!(names, want);
+    assert!(parsed.len() > 50, "the tiny family has many weights");
+    assert!(!names.iter().any(|n| n.ends_with("_scale_inv")));
     for c in &parsed {
         assert_eq!(c.len(), 7, "{c:?}");
-        let (dtype, shape, _) = &t1[c[0]];
-        assert_eq!(c[3], dtype);
+        let (dtype, shape, _) = &t1[&c[0]];
+        assert_eq!(&c[3], dtype);
         assert_eq!(
             c[4].parse::<u64>().unwrap(),
             shape.iter().product::<usize>() as u64
@@ -213,26 +217,24 @@ fn diff_matches_an_independent_computation_and_caches() {
             c[0]
         );
     }
-    // Groups.
-    let group_of = |n: &str| parsed.iter().find(|c| c[0] == n).unwrap()[1];
+    let cell =
+        |n: &str, k: usize| -> String { parsed.iter().find(|c| c[0] == n).unwrap()[k].clone() };
     assert_eq!(
-        group_of("model.layers.2.mlp.experts.1.up_proj.weight"),
+        cell("model.layers.2.mlp.experts.1.up_proj.weight", 1),
         "experts"
     );
-    assert_eq!(group_of("model.layers.2.mlp.gate.weight"), "router");
-    assert_eq!(group_of("model.norm.weight"), "norms");
+    assert_eq!(cell("model.layers.2.mlp.experts.1.up_proj.weight", 2), "2");
+    assert_eq!(cell("model.layers.2.mlp.gate.weight", 1), "router");
+    assert_eq!(cell("model.norm.weight", 1), "norms");
+    assert_eq!(cell("model.norm.weight", 2), "");
     assert_eq!(
-        group_of("model.layers.0.self_attn.o_proj.weight"),
+        cell("model.layers.0.self_attn.o_proj.weight", 1),
         "attention"
     );
 
     // Values, recomputed from the raw bytes for an FP8 expert, an FP8 attention weight, a BF16
-    // norm and the BF16 embeddings: stored, and dequantized for the FP8 ones.
-    let csv_val = |n: &str, k: usize| -> f64 {
-        parsed.iter().find(|c| c[0] == n).unwrap()[k]
-            .parse()
-            .unwrap()
-    };
+    // norm and the BF16 embeddings: stored, and dequantized.
+    let val = |n: &str, k: usize| -> f64 { cell(n, k).parse().unwrap() };
     for n in [
         "model.layers.2.mlp.experts.1.up_proj.weight",
         "model.layers.1.self_attn.q_b_proj.weight",
@@ -243,7 +245,7 @@ fn diff_matches_an_independent_computation_and_caches() {
         let (d2, _, b2) = &t2[n];
         let want_stored = stat(&values(d1, b1), &values(d2, b2));
         let want_deq = stat(&dequantized(&t1, n), &dequantized(&t2, n));
-        let (got_s, got_d) = (csv_val(n, 5), csv_val(n, 6));
+        let (got_s, got_d) = (val(n, 5), val(n, 6));
         assert!(
             close(got_s, want_stored),
             "{n}: stored {got_s} vs {want_stored}"
@@ -253,10 +255,6 @@ fn diff_matches_an_independent_computation_and_caches() {
             "{n}: dequantized {got_d} vs {want_deq}"
         );
         assert!(want_stored > 0.0);
-        // The CSV carries every bit of the row's value.
-        let r = rows.iter().find(|r| r.name == n).unwrap();
-        assert_eq!(got_s.to_bits(), r.stored.to_bits());
-        assert_eq!(got_d.to_bits(), r.dequantized.to_bits());
         if d1 == "F8_E4M3" {
             // Codes differ by whole steps while dequantized values differ by ~1e-3.
             assert!(
@@ -266,18 +264,7 @@ fn diff_matches_an_independent_computation_and_caches() {
         }
     }
     // A tensor the family keeps identical in every sibling.
-    assert_eq!(csv_val("model.layers.0.input_layernorm.weight", 5), 0.0);
-
-    // JSON carries the same rows and a summary.
-    let j: Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(j["rows"].as_array().unwrap().len(), rows.len());
-    let groups: Vec<&str> = j["summary"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["group"].as_str().unwrap())
-        .collect();
-    assert!(groups.contains(&"experts") && groups.contains(&"attention"));
+    assert_eq!(val("model.layers.0.input_layernorm.weight", 5), 0.0);
 
     // The plot.
     let text = std::fs::read_to_string(&svg).unwrap();
@@ -285,88 +272,131 @@ fn diff_matches_an_independent_computation_and_caches() {
     assert!(text.trim_end().ends_with("</svg>"));
     assert!(text.contains(">experts<") && text.contains(">\u{2014}<"));
 
-    // The cache directory holds the pair's statistics.
-    let files: Vec<String> = std::fs::read_dir(&cache)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        files
-            .iter()
-            .any(|f| f.starts_with("stats-") && f.ends_with(".json")),
-        "{files:?}"
-    );
+    // The cache directory holds the pair's statistics; the default one was not touched.
+    assert_eq!(stats_files(&cache).len(), 1);
+    assert!(!xdg.exists());
 
-    // A fresh store knows every statistic without reading a tensor, and a second run gives
-    // identical output.
-    let models = Models::open(m1, std::slice::from_ref(m2)).unwrap();
+    // A fresh store knows every statistic without reading a tensor, with every bit.
+    let models = Models::open(m1, parents).unwrap();
     let fresh = StatsStore::new(&models, Some(&cache));
-    for r in &rows {
-        for m in [Metric::Stored, Metric::Dequantized] {
-            assert!(
-                fresh.cached(1, &r.name, m).is_some(),
-                "{} {m:?} not cached",
-                r.name
+    for c in &parsed {
+        for (m, k) in [(Metric::Stored, 5), (Metric::Dequantized, 6)] {
+            let v = fresh.cached(1, &c[0], m);
+            let want: f64 = c[k].parse().unwrap();
+            assert_eq!(
+                v.map(f64::to_bits),
+                Some(want.to_bits()),
+                "{} {m:?}: cached {v:?}, printed {want:?}",
+                c[0]
             );
         }
     }
-    let (rows2, csv2, json2) = run(
-        m1,
-        std::slice::from_ref(m2),
-        &cache,
-        &tmp.path().join("y.svg"),
-    );
-    assert_eq!(rows2, rows);
-    assert_eq!(csv2, csv);
-    assert_eq!(json2, json);
+    // ... and a second run prints the same bytes and draws the same plot.
+    let svg2 = tmp.path().join("y.svg");
+    let args2 = [
+        "--csv",
+        "--cache-dir",
+        cache_s,
+        "--plot",
+        svg2.to_str().unwrap(),
+    ];
+    assert_eq!(aoe_diff(m1, parents, &args2, &xdg), csv);
+    assert_eq!(std::fs::read(&svg2).unwrap(), std::fs::read(&svg).unwrap());
+
+    // JSON and the table, from the cache.
+    let json = aoe_diff(m1, parents, &["--json", "--cache-dir", cache_s], &xdg);
+    let j: Value = serde_json::from_str(&json).unwrap();
+    let jrows = j["rows"].as_array().unwrap();
+    assert_eq!(jrows.len(), parsed.len());
+    for (r, c) in jrows.iter().zip(&parsed) {
+        assert_eq!(r["name"], c[0].as_str());
+        assert_eq!(
+            r["stored"].as_f64().unwrap().to_bits(),
+            c[5].parse::<f64>().unwrap().to_bits()
+        );
+    }
+    let groups: Vec<&str> = j["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["group"].as_str().unwrap())
+        .collect();
+    assert!(groups.contains(&"experts") && groups.contains(&"attention"));
+    let table = aoe_diff(m1, parents, &["--cache-dir", cache_s], &xdg);
+    assert!(table.lines().next().unwrap().starts_with("name"));
+    assert!(table.contains("excluded from min/median/max"));
     assert_eq!(
-        std::fs::read(tmp.path().join("y.svg")).unwrap(),
-        std::fs::read(&svg).unwrap()
+        table
+            .lines()
+            .filter(|l| l.starts_with("model.") || l.starts_with("lm_head"))
+            .count(),
+        parsed.len()
     );
 }
 
 #[test]
-fn diff_takes_the_max_over_parents() {
+fn diff_takes_the_max_over_parents_and_defaults_to_xdg_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let dirs = family(&tmp.path().join("fam"));
     assert!(dirs.len() >= 3);
     let parents = vec![dirs[1].clone(), dirs[2].clone()];
-    let (rows, _, _) = run(
-        &dirs[0],
-        &parents,
-        &tmp.path().join("cache"),
-        &tmp.path().join("x.svg"),
-    );
+    let xdg = tmp.path().join("xdg");
+    let csv = aoe_diff(&dirs[0], &parents, &["--csv", "--threads", "2"], &xdg);
     let t: Vec<Tensors> = dirs[..3].iter().map(|d| read_checkpoint(d)).collect();
     let mut from_third = 0;
-    for r in rows
+    let rows = csv_rows(&csv);
+    for c in rows
         .iter()
-        .filter(|r| r.name.contains("experts.") || r.name.contains("self_attn."))
+        .filter(|c| c[0].contains("experts.") || c[0].contains("self_attn."))
     {
-        let v: Vec<Vec<f32>> = t
-            .iter()
-            .map(|m| values(&m[&r.name].0, &m[&r.name].2))
-            .collect();
+        let v: Vec<Vec<f32>> = t.iter().map(|m| values(&m[&c[0]].0, &m[&c[0]].2)).collect();
         let (s2, s3) = (stat(&v[0], &v[1]), stat(&v[0], &v[2]));
-        assert!(
-            close(r.stored, s2.max(s3)),
-            "{}: {} vs max({s2}, {s3})",
-            r.name,
-            r.stored
-        );
+        let got: f64 = c[5].parse().unwrap();
+        assert!(close(got, s2.max(s3)), "{}: {got} vs max({s2}, {s3})", c[0]);
         from_third += usize::from(s3 > s2);
     }
     assert!(from_third > 0, "some maxima come from the second donor");
-    // Two cache files: one per (base, parent) pair.
-    let n = std::fs::read_dir(tmp.path().join("cache")).unwrap().count();
-    assert_eq!(n, 2);
+    // One cache file per (base, parent) pair, under $XDG_CACHE_HOME/aoe.
+    assert_eq!(stats_files(&xdg.join("aoe")).len(), 2);
 }
 
 #[test]
-fn diff_needs_a_parent() {
+fn diff_compute_reports_progress_and_needs_a_parent() {
     let tmp = tempfile::tempdir().unwrap();
     let dirs = family(&tmp.path().join("fam"));
-    let models = Models::open(&dirs[0], &[]).unwrap();
+    let models = Models::open(&dirs[0], &dirs[1..2]).unwrap();
     let stats = StatsStore::new(&models, None);
-    assert!(compute(&models, &stats, 1, &|_, _| {}).is_err());
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let last = std::sync::Mutex::new((0u64, 0u64));
+    let rows = compute(&models, &stats, 3, &|done, total| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut l = last.lock().unwrap();
+        assert!(
+            done <= total && done >= l.0,
+            "progress {done}/{total} after {}",
+            l.0
+        );
+        *l = (done, total);
+    })
+    .unwrap();
+    let (done, total) = *last.lock().unwrap();
+    assert!(
+        total > 0 && done == total,
+        "progress ends at the total: {done}/{total}"
+    );
+    assert_eq!(
+        calls.into_inner(),
+        rows.len() + 1,
+        "one call per unit, plus the start"
+    );
+    // Same rows whatever the thread count.
+    let one = compute(&models, &StatsStore::new(&models, None), 1, &|_, _| {}).unwrap();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    write_csv(&rows, &mut a).unwrap();
+    write_csv(&one, &mut b).unwrap();
+    assert_eq!(a, b);
+
+    let alone = Models::open(&dirs[0], &[]).unwrap();
+    let stats = StatsStore::new(&alone, None);
+    assert!(compute(&alone, &stats, 1, &|_, _| {}).is_err());
 }

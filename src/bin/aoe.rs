@@ -107,9 +107,12 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// Also write an SVG with the heatmap and histograms (stored metric).
+        /// Also write an SVG with a layer × group heatmap and per-group histograms.
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
+        /// Metric the plot shows: stored or dequantized.
+        #[arg(long, default_value = "stored", value_name = "METRIC")]
+        plot_metric: String,
         /// Worker threads [default: all cores].
         #[arg(long)]
         threads: Option<usize>,
@@ -217,8 +220,8 @@ fn run(cmd: Cmd) -> Result<()> {
             print!("{}", aoe::fuse::demo(dir)?);
             Ok(())
         }
-        Cmd::Diff { base, parents, csv, json, plot, threads, cache_dir } => {
-            use aoe::recipe::Metric;
+        Cmd::Diff { base, parents, csv, json, plot, plot_metric, threads, cache_dir } => {
+            let metric = aoe::recipe::Metric::parse(&plot_metric)?;
             let models = Models::open(&base, &parents)?;
             let stats = aoe::stats::StatsStore::new(&models, stats_dir(cache_dir).as_deref());
             let total: u64 = models.base().shards.iter().map(|s| s.size).sum();
@@ -240,7 +243,7 @@ fn run(cmd: Cmd) -> Result<()> {
             };
             res.map_err(|e| aoe::Error::io("stdout", e))?;
             if let Some(p) = plot {
-                let svg = aoe::diff::plot_svg(&rows, Metric::Stored);
+                let svg = aoe::diff::plot_svg(&rows, metric);
                 let tmp = p.with_extension("svg.tmp");
                 std::fs::write(&tmp, svg).map_err(|e| aoe::Error::io(&tmp, e))?;
                 std::fs::rename(&tmp, &p).map_err(|e| aoe::Error::io(&p, e))?;
