@@ -52,6 +52,8 @@ pub enum Error {
     ParentChanged { path: PathBuf, tensor: String },
     /// A file name that is not part of the child.
     NoSuchFile { name: String },
+    /// Stopped by a signal.
+    Interrupted,
     /// An error met by another thread computing the same chunk, shared with every waiter.
     Shared(std::sync::Arc<Error>),
 }
@@ -141,6 +143,7 @@ impl fmt::Display for Error {
             ),
             NoSuchFile { name } => write!(f, "{name}: no such file in the child"),
             Shared(e) => e.fmt(f),
+            Interrupted => write!(f, "interrupted; temporary files removed"),
         }
     }
 }

@@ -27,6 +27,8 @@ pub struct WriteOptions {
     pub force: bool,
     /// Called with (bytes done, bytes total) as work completes.
     pub progress: Option<fn(u64, u64)>,
+    /// Set (e.g. by a signal handler) to stop early; temporary files are removed.
+    pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
 }
 
 /// What a write did.
@@ -148,7 +150,16 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
         .iter()
         .map(|s| child.file(&s.name).unwrap_or(usize::MAX))
         .collect();
-    let ctx = Ctx { child, outs: &outs, file_of_shard: &file_of_shard, done: &done, total, computed: &computed, progress: opts.progress };
+    let ctx = Ctx {
+        child,
+        outs: &outs,
+        file_of_shard: &file_of_shard,
+        done: &done,
+        total,
+        computed: &computed,
+        progress: opts.progress,
+        cancel: opts.cancel,
+    };
     pool.install(|| jobs.into_par_iter().try_for_each(|job| ctx.run(job)))?;
 
     for (i, f) in child.files.iter().enumerate() {
@@ -179,6 +190,7 @@ struct Ctx<'a> {
     total: u64,
     computed: &'a AtomicU64,
     progress: Option<fn(u64, u64)>,
+    cancel: Option<&'static std::sync::atomic::AtomicBool>,
 }
 
 impl Ctx<'_> {
@@ -194,6 +206,9 @@ impl Ctx<'_> {
     }
 
     fn run(&self, job: Job) -> Result<()> {
+        if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::Interrupted);
+        }
         match job {
             Job::Bytes { file, at, bytes } => {
                 self.out(file)?.write_all_at(&bytes, at).map_err(|e| Error::io(&self.child.files[file].name, e))?;
@@ -245,6 +260,9 @@ impl Ctx<'_> {
                 let scale = tensors.get(1).map(|&(sh, t)| dst(sh).map(|f| (f, t))).transpose()?;
                 let scale_span = (lay.block_rows * lay.cols.div_ceil(FP8_BLOCK) * 4) as u64;
                 for c in 0..lay.chunks {
+                    if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                        return Err(Error::Interrupted);
+                    }
                     let (e0, _) = lay.elements(c);
                     let chunk = child.compute_chunk(u, c, &w)?;
                     let at = wt.start + (e0 * wt.dtype.size()) as u64;

@@ -190,3 +190,35 @@ fn output_that_is_a_parent_or_not_empty() {
     assert!(busy.join("aoe_recipe.json").is_file());
     assert!(!files(&busy).iter().any(|f| f.contains("aoe-tmp")), "temporary files left behind");
 }
+
+#[test]
+fn interrupted_write_leaves_no_file_behind() {
+    let tmp = tempdir();
+    let mut spec = aoe::fixture::FamilySpec::demo();
+    spec.siblings = 2;
+    let m = aoe::fixture::write_family(&spec, tmp.path()).unwrap();
+    let out = tmp.path().join("out");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_aoe"))
+        .args(["write", "--base", s(&m[0]), "--parent", s(&m[1]), "--lambda", "0.5", "--threads", "1"])
+        .args(["--cache-dir", s(&tmp.path().join("stats")), s(&out)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the write has started (temporary files exist), then interrupt it.
+    let t = std::time::Instant::now();
+    while !out.is_dir() || files(&out).is_empty() {
+        assert!(t.elapsed().as_secs() < 20, "write never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    if res.status.success() {
+        // The machine was fast enough to finish first: then the child must be complete.
+        assert!(out.join("aoe_recipe.json").is_file());
+        return;
+    }
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(files(&out), Vec::<String>::new(), "files left behind after an interrupted write");
+}

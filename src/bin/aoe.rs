@@ -181,7 +181,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let total: u64 = child.files.iter().map(|f| f.size).sum();
             let pb = byte_progress(total, "writing");
             let _ = PB.set(pb.clone());
-            let opts = WriteOptions { threads, force, progress: Some(progress) };
+            let opts = WriteOptions { threads, force, progress: Some(progress), cancel: Some(on_signal()) };
             let t = std::time::Instant::now();
             let report = write_child(&child, &out, &opts)?;
             pb.finish_and_clear();
@@ -290,4 +290,20 @@ fn fixture(out: &std::path::Path, preset: &str, dtype: &str, siblings: usize, se
         println!("{}", d.display());
     }
     Ok(())
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn stop(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM set a flag the writer checks, so it can remove its temporary files.
+fn on_signal() -> &'static std::sync::atomic::AtomicBool {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, stop as *const () as libc::sighandler_t);
+    }
+    &STOP
 }
