@@ -2,9 +2,14 @@
 //!
 //! `cargo bench --bench kernels` runs at the detected SIMD level, then re-runs itself with
 //! `AOE_KERNELS=avx2` and `AOE_KERNELS=portable` (when those are lower than the detected level)
-//! to show the fallbacks. `AOE_BENCH_MIB` sets the output size (default 64 MiB).
-//! Every figure is the median of 9 timed repetitions after a warm-up (fresh memory is slow on
-//! this VM, so all buffers are touched and every kernel run twice before timing).
+//! to show the fallbacks. Environment: `AOE_BENCH_MIB` (default 64) or `AOE_BENCH_KIB` sets the
+//! output size; `AOE_BENCH_ONLY=bf16|fp8` runs one group.
+//!
+//! Every kernel is timed in `REPS` rounds; each round times a memcpy of the output size and
+//! then the kernel (repeated within the round to last ≥ 20 ms when the size is small), so the
+//! ratio to memcpy is taken under the same machine load. Printed: medians of the kernel's
+//! GB/s, of the paired memcpy GB/s and of the per-round ratio. Buffers are touched and every
+//! kernel run twice before timing (fresh memory is slow on this VM).
 
 use aoe::dtype::DType;
 use aoe::kernels::{self, MixInput, SimdLevel};
@@ -32,23 +37,59 @@ impl Rng {
     }
 }
 
-/// Median seconds of `REPS` runs of `f` (after two warm-up runs).
-fn time(mut f: impl FnMut()) -> f64 {
-    f();
-    f();
-    let mut t: Vec<f64> = (0..REPS)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    t[REPS / 2]
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
 }
 
-fn gbs(bytes: usize, secs: f64) -> f64 {
-    bytes as f64 / secs / 1e9
+/// Seconds per run of `f`, running it `inner` times.
+fn timed(inner: usize, f: &mut impl FnMut()) -> f64 {
+    let s = Instant::now();
+    for _ in 0..inner {
+        f();
+    }
+    s.elapsed().as_secs_f64() / inner as f64
+}
+
+/// How many runs make a sample of ≥ 20 ms.
+fn inner_reps(f: &mut impl FnMut()) -> usize {
+    f();
+    let once = timed(1, f);
+    ((0.02 / once.max(1e-9)) as usize).clamp(1, 100_000)
+}
+
+/// The memcpy every kernel is paired with.
+struct Memcpy {
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+impl Memcpy {
+    fn run(&mut self) {
+        self.dst.copy_from_slice(black_box(&self.src));
+        black_box(&mut self.dst);
+    }
+}
+
+/// Times `f` (moving `bytes` of output) in rounds paired with memcpy; prints the medians.
+fn bench(name: &str, bytes: usize, mc: &mut Memcpy, mut f: impl FnMut()) {
+    let n_mc = mc.dst.len();
+    let mut m = || mc.run();
+    let (im, ik) = (inner_reps(&mut m), inner_reps(&mut f));
+    let (mut gm, mut gk, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..REPS {
+        let a = n_mc as f64 / timed(im, &mut m) / 1e9;
+        let b = bytes as f64 / timed(ik, &mut f) / 1e9;
+        gm.push(a);
+        gk.push(b);
+        ratio.push(b / a);
+    }
+    println!(
+        "  {name:<34} {:7.2} GB/s   memcpy {:6.2} GB/s   {:5.2}x memcpy",
+        median(gk),
+        median(gm),
+        median(ratio)
+    );
 }
 
 fn bf16_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
@@ -59,104 +100,150 @@ fn bf16_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
     v
 }
 
+/// FP8 codes over the whole range (|x| ≤ 440, no NaN) and small positive block scales.
 fn fp8_band(rng: &mut Rng, n: usize) -> (Vec<u8>, Vec<f32>) {
-    let codes = (0..n).map(|_| kernels::f32_to_fp8(rng.value(700.0))).collect();
+    let codes = (0..n)
+        .map(|_| kernels::f32_to_fp8(rng.value(440.0)))
+        .collect();
     let nb = (n / COLS).div_ceil(128) * COLS.div_ceil(128);
     let scales = (0..nb).map(|_| 1e-4 + rng.value(1e-4).abs()).collect();
     (codes, scales)
 }
 
 fn main() {
-    let mib: usize = std::env::var("AOE_BENCH_MIB")
+    let kib: usize = std::env::var("AOE_BENCH_KIB")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(64);
-    let n_out = mib << 20; // output bytes
+        .unwrap_or_else(|| {
+            std::env::var("AOE_BENCH_MIB")
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .unwrap_or(64)
+                * 1024
+        });
+    let n_out = (kib << 10) / (2 * COLS) * (2 * COLS); // whole rows of both dtypes
+    let only = std::env::var("AOE_BENCH_ONLY").unwrap_or_default();
     let level = kernels::simd_level();
     println!(
-        "kernels bench: level {level:?}, {mib} MiB of output per kernel, median of {REPS}, 1 thread"
+        "kernels bench: level {level:?}, {:.2} MiB of output per kernel, {REPS} rounds, 1 thread",
+        n_out as f64 / (1 << 20) as f64
     );
     let mut rng = Rng(42);
-
-    // memcpy of the output size.
-    let src = vec![1u8; n_out];
-    let mut dst = vec![0u8; n_out];
-    let t_memcpy = time(|| {
-        dst.copy_from_slice(black_box(&src));
-        black_box(&mut dst);
-    });
-    let memcpy = gbs(n_out, t_memcpy);
-    println!("  memcpy                          {memcpy:7.2} GB/s");
-    drop(src);
-
-    let report = |name: &str, bytes: usize, secs: f64| {
-        let g = gbs(bytes, secs);
-        println!(
-            "  {name:<31} {g:7.2} GB/s   {:5.2}x memcpy",
-            g / memcpy
-        );
+    let mut mc = Memcpy {
+        src: vec![1u8; n_out],
+        dst: vec![0u8; n_out],
     };
+    let mut dst = vec![0u8; n_out];
 
-    // BF16 two-parent mix, fused: out = bf16(0.4·a + 0.6·b).
-    let n = n_out / 2;
-    let a = bf16_bytes(&mut rng, n);
-    let b = bf16_bytes(&mut rng, n);
-    let inputs = [
-        MixInput { dtype: DType::BF16, bytes: &a, scales: None, weight: 0.4 },
-        MixInput { dtype: DType::BF16, bytes: &b, scales: None, weight: 0.6 },
-    ];
-    let t = time(|| kernels::mix(black_box(&inputs), COLS, DType::BF16, &mut dst, None));
-    report("bf16 mix (fused)", n_out, t);
+    if only.is_empty() || only == "bf16" {
+        // BF16 two-parent mix: out = bf16(0.4·a + 0.6·b).
+        let n = n_out / 2;
+        let a = bf16_bytes(&mut rng, n);
+        let b = bf16_bytes(&mut rng, n);
+        let inputs = [
+            MixInput {
+                dtype: DType::BF16,
+                bytes: &a,
+                scales: None,
+                weight: 0.4,
+            },
+            MixInput {
+                dtype: DType::BF16,
+                bytes: &b,
+                scales: None,
+                weight: 0.6,
+            },
+        ];
+        bench("bf16 mix (fused `mix`)", n_out, &mut mc, || {
+            kernels::mix(black_box(&inputs), COLS, DType::BF16, &mut dst, None)
+        });
 
-    // The same, unfused, through 1 MiB f32 chunks: accumulate, accumulate, encode.
-    let chunk = 1 << 18;
-    let mut acc = vec![0f32; chunk];
-    let t = time(|| {
-        for ((ca, cb), co) in a.chunks(2 * chunk).zip(b.chunks(2 * chunk)).zip(dst.chunks_mut(2 * chunk)) {
-            let m = ca.len() / 2;
-            kernels::accumulate(DType::BF16, ca, None, 0.4, &mut acc[..m], true);
-            kernels::accumulate(DType::BF16, cb, None, 0.6, &mut acc[..m], false);
-            kernels::encode(DType::BF16, &acc[..m], co);
-        }
-    });
-    report("bf16 mix (unfused, 1 MiB tiles)", n_out, t);
+        // The same, unfused, through 1 MiB f32 chunks: accumulate, accumulate, encode.
+        let chunk = 1 << 18;
+        let mut acc = vec![0f32; chunk];
+        bench(
+            "bf16 mix (unfused, 1 MiB f32 tiles)",
+            n_out,
+            &mut mc,
+            || {
+                for ((ca, cb), co) in a
+                    .chunks(2 * chunk)
+                    .zip(b.chunks(2 * chunk))
+                    .zip(dst.chunks_mut(2 * chunk))
+                {
+                    let m = ca.len() / 2;
+                    kernels::accumulate(DType::BF16, ca, None, 0.4, &mut acc[..m], true);
+                    kernels::accumulate(DType::BF16, cb, None, 0.6, &mut acc[..m], false);
+                    kernels::encode(DType::BF16, &acc[..m], co);
+                }
+            },
+        );
 
-    let t = time(|| {
-        black_box(kernels::sum_sq_diff_bytes(DType::BF16, &a, DType::BF16, &b));
-    });
-    report("bf16 sum_sq_diff_bytes (per a)", a.len(), t);
-    drop((a, b));
+        bench(
+            "bf16 sum_sq_diff_bytes (bytes of a)",
+            a.len(),
+            &mut mc,
+            || {
+                black_box(kernels::sum_sq_diff_bytes(DType::BF16, &a, DType::BF16, &b));
+            },
+        );
+    }
 
-    // FP8 dequantize-mix-requantize: 16384 x 4096 band, two parents.
-    let n = n_out;
-    let (ca, sa) = fp8_band(&mut rng, n);
-    let (cb, sb) = fp8_band(&mut rng, n);
-    let mut out_scales = vec![0f32; sa.len()];
-    let inputs = [
-        MixInput { dtype: DType::F8E4M3, bytes: &ca, scales: Some(&sa), weight: 0.4 },
-        MixInput { dtype: DType::F8E4M3, bytes: &cb, scales: Some(&sb), weight: 0.6 },
-    ];
-    let t = time(|| {
-        kernels::mix(black_box(&inputs), COLS, DType::F8E4M3, &mut dst, Some(&mut out_scales))
-    });
-    report("fp8 dequant-mix-requant (fused)", n_out, t);
+    if only.is_empty() || only == "fp8" {
+        // FP8 dequantize-mix-requantize of a band of rows x 4096, two parents.
+        let n = n_out;
+        let (ca, sa) = fp8_band(&mut rng, n);
+        let (cb, sb) = fp8_band(&mut rng, n);
+        let mut out_scales = vec![0f32; sa.len()];
+        let inputs = [
+            MixInput {
+                dtype: DType::F8E4M3,
+                bytes: &ca,
+                scales: Some(&sa),
+                weight: 0.4,
+            },
+            MixInput {
+                dtype: DType::F8E4M3,
+                bytes: &cb,
+                scales: Some(&sb),
+                weight: 0.6,
+            },
+        ];
+        bench("fp8 dequant-mix-requant (`mix`)", n_out, &mut mc, || {
+            kernels::mix(
+                black_box(&inputs),
+                COLS,
+                DType::F8E4M3,
+                &mut dst,
+                Some(&mut out_scales),
+            )
+        });
 
-    let mut facc = vec![0f32; n];
-    let t = time(|| {
-        kernels::accumulate(DType::F8E4M3, &ca, Some((&sa, COLS)), 0.4, &mut facc, true);
-        kernels::accumulate(DType::F8E4M3, &cb, Some((&sb, COLS)), 0.6, &mut facc, false);
-        kernels::quantize_fp8(&facc, COLS, &mut dst, &mut out_scales);
-    });
-    report("fp8 (unfused, full f32 buffer)", n_out, t);
-    drop(facc);
+        let mut facc = vec![0f32; n];
+        bench("fp8 (unfused, full f32 buffer)", n_out, &mut mc, || {
+            kernels::accumulate(DType::F8E4M3, &ca, Some((&sa, COLS)), 0.4, &mut facc, true);
+            kernels::accumulate(DType::F8E4M3, &cb, Some((&sb, COLS)), 0.6, &mut facc, false);
+            kernels::quantize_fp8(&facc, COLS, &mut dst, &mut out_scales);
+        });
+        drop(facc);
 
-    let t = time(|| {
-        black_box(kernels::sum_sq_diff_bytes(DType::F8E4M3, &ca, DType::F8E4M3, &cb));
-    });
-    report("fp8 sum_sq_diff_bytes (per a)", ca.len(), t);
+        bench(
+            "fp8 sum_sq_diff_bytes (bytes of a)",
+            ca.len(),
+            &mut mc,
+            || {
+                black_box(kernels::sum_sq_diff_bytes(
+                    DType::F8E4M3,
+                    &ca,
+                    DType::F8E4M3,
+                    &cb,
+                ));
+            },
+        );
+    }
 
     // Re-run at the lower levels (child processes: the level is fixed per process).
-    if std::env::var_os("AOE_KERNELS").is_none() {
+    if std::env::var_os("AOE_KERNELS").is_none() && only.is_empty() {
         let lower: &[&str] = match level {
             SimdLevel::Avx512 => &["avx2", "portable"],
             SimdLevel::Avx2 => &["portable"],

@@ -30,25 +30,33 @@
 //!   with the largest payload. `scale = amax / 448` (then NaN too), `scale = 1` where amax == 0.
 //! * NaN signs and payloads are pinned wherever they can reach the output bytes: an operation
 //!   with one NaN operand returns it (quieted, as all IEEE hardware does); where both operands
-//!   may be NaN the FIRST operand's NaN wins, explicitly (`acc + w·d` keeps `acc`'s NaN,
-//!   `code × scale` keeps the code's NaN, `acc / scale` keeps `acc`'s; this is what x86
-//!   `addps/mulps/divps a, b` and so numpy do), so LLVM's freedom to swap the operands of `+`/`*`
-//!   cannot change a bit. Weights are assumed not NaN. A NaN made from non-NaN operands (inf −
-//!   inf, 0 × inf, inf / inf) is the hardware's default NaN (x86: negative, `0xffc0_0000`).
-//!   The encoders then apply the rules above (BF16 keeps only the sign, FP8 the sign, F16 sign
-//!   and payload).
+//!   may be NaN the FIRST operand's NaN wins, which is what x86 `addps/mulps/divps a, b` (and so
+//!   numpy) do. `acc + w·d` and `code × scale` select it explicitly (LLVM may swap the operands
+//!   of a commutative `+`/`*`, so this is not left to the instruction); `acc / scale` is not
+//!   commutative and keeps `acc`'s NaN on x86. Weights are assumed not NaN. A NaN made from
+//!   non-NaN operands (inf − inf, 0 × inf, inf / inf) is the hardware's default NaN (x86:
+//!   negative, `0xffc0_0000`; numpy on x86 gets the same). The encoders then apply the rules
+//!   above (BF16 keeps only the sign, FP8 the sign, F16 sign and payload).
+//! * A block whose amax is not 0 but so small that `amax / 448` underflows to 0 (|x| ≤ ~6e-43)
+//!   gets scale 0 and NaN codes, exactly as the formula (and numpy) gives.
 //! * [`sum_sq_diff`] sums `d*d` (d = a−b in f64) into 8 f64 lanes by *global* element index mod
 //!   8, combined as `((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))`, on every machine and SIMD level;
 //!   [`SqDiffAcc`] keeps that order across chunks of any size. A NaN sum is returned as the
 //!   canonical `f64::NAN` (its payload would otherwise depend on operand order).
 //!
-//! # Dispatch
+//! # Dispatch and speed
 //!
-//! The fast paths are safe portable Rust written for LLVM's auto-vectorizer (fixed 16-wide
-//! chunks, branchless selects). On x86_64 the same code is also compiled with AVX2 and with
-//! AVX-512 (F+BW+VL) enabled, chosen once at run time with `is_x86_feature_detected!`. The
-//! environment variable `AOE_KERNELS=portable|avx2|avx512` caps the level (for testing the
-//! fallbacks); results are identical on every level.
+//! The fast paths are safe portable Rust written for LLVM's auto-vectorizer (fixed-size
+//! 64-element chunk arrays, branchless selects). On x86_64 the same code is also compiled with
+//! AVX2+F16C and with AVX-512 (F+BW+VL) enabled, chosen once at run time with
+//! `is_x86_feature_detected!`; there, FP8 codes are decoded through the F16 converter
+//! (`vcvtph2ps`, see `x86`). The environment variable `AOE_KERNELS=portable|avx2` caps the
+//! level (to exercise the fallbacks); results are identical on every level.
+//!
+//! [`mix`] is the fused hot path: it decodes, (de)quantizes, mixes and encodes in L1/L2-sized
+//! tiles (512 elements; FP8 output: 128 rows × 512 columns in a reused 256 KiB thread-local
+//! scratch, rows read as runs with software prefetch) and never materializes a full f32 copy.
+//! `benches/kernels.rs` measures it against memcpy.
 
 #![allow(clippy::needless_range_loop)]
 
@@ -150,7 +158,9 @@ pub fn f32_to_f16(x: f32) -> u16 {
     let a = b & 0x7fff_ffff;
     let normal = (a.wrapping_add(0xfff + ((a >> 13) & 1)) >> 13).wrapping_sub(0x1_c000);
     // |x| < 2^-14: adding 0.5 rounds |x| to a multiple of 2^-24 (RNE).
-    let sub = (f32::from_bits(a) + 0.5).to_bits().wrapping_sub(0x3f00_0000);
+    let sub = (f32::from_bits(a) + 0.5)
+        .to_bits()
+        .wrapping_sub(0x3f00_0000);
     let p = (a >> 13) & 0x3ff;
     let nan = 0x7c00 | p | (p == 0) as u32;
     let v = if a > 0x7f80_0000 {
@@ -174,13 +184,18 @@ pub fn f32_to_f16(x: f32) -> u16 {
 pub enum SimdLevel {
     /// Baseline of the target (SSE2 on x86_64), auto-vectorized.
     Portable,
-    /// x86_64 AVX2.
+    /// x86_64 AVX2 (+ F16C).
     Avx2,
-    /// x86_64 AVX-512 F+BW+VL.
+    /// x86_64 AVX-512 F+BW+VL (+ AVX2, F16C).
     Avx512,
 }
 
 static LEVEL: AtomicU8 = AtomicU8::new(0);
+
+/// Compile-time level of a kernel instance (the `const LV: u8` of the generic kernels).
+const LV_PORTABLE: u8 = 0;
+const LV_AVX2: u8 = 1;
+const LV_AVX512: u8 = 2;
 
 /// The level the fast paths use on this machine (detected once; capped by `AOE_KERNELS`).
 pub fn simd_level() -> SimdLevel {
@@ -214,10 +229,11 @@ fn best_level() -> SimdLevel {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("f16c")
         {
             return SimdLevel::Avx512;
         }
-        if is_x86_feature_detected!("avx2") {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
             return SimdLevel::Avx2;
         }
     }
@@ -238,48 +254,49 @@ pub fn available_levels() -> Vec<SimdLevel> {
 }
 
 /// Defines `fn $name(level: SimdLevel, args..)` that runs `$body` compiled for that level: the
-/// body is an `#[inline(always)]` function called from two `#[target_feature]` wrappers
-/// (AVX-512, AVX2) and directly (portable), so LLVM vectorizes one copy per instruction set.
-/// A level the CPU lacks falls back to the portable copy.
+/// body is an `#[inline(always)]` function (generic over `const $lv: u8`, one of the `LV_*`
+/// constants, so that it can pick intrinsics at compile time) called from two
+/// `#[target_feature]` wrappers (AVX-512, AVX2+F16C) and directly (portable), so LLVM
+/// vectorizes one copy per instruction set. A level the CPU lacks falls back to portable.
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+    ($(#[$m:meta])* fn $name:ident<$lv:ident>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
         fn $name(level: SimdLevel, $($a: $t),*) $(-> $r)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn imp($($a: $t),*) $(-> $r)? $body
+            fn imp<const $lv: u8>($($a: $t),*) $(-> $r)? $body
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
             #[allow(clippy::too_many_arguments)]
             unsafe fn v512($($a: $t),*) $(-> $r)? {
-                imp($($a),*)
+                imp::<LV_AVX512>($($a),*)
             }
 
             #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2")]
+            #[target_feature(enable = "avx2,f16c")]
             #[allow(clippy::too_many_arguments)]
             unsafe fn v256($($a: $t),*) $(-> $r)? {
-                imp($($a),*)
+                imp::<LV_AVX2>($($a),*)
             }
 
             #[cfg(target_arch = "x86_64")]
             {
                 match level {
                     SimdLevel::Avx512 if best_level() == SimdLevel::Avx512 => {
-                        // SAFETY: the CPU has AVX-512 F/BW/VL and AVX2 (checked just above).
+                        // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2 and F16C (checked just above).
                         return unsafe { v512($($a),*) };
                     }
                     SimdLevel::Avx2 if best_level() != SimdLevel::Portable => {
-                        // SAFETY: the CPU has AVX2 (checked just above).
+                        // SAFETY: the CPU has AVX2 and F16C (checked just above).
                         return unsafe { v256($($a),*) };
                     }
                     _ => {}
                 }
             }
             let _ = level;
-            imp($($a),*)
+            imp::<LV_PORTABLE>($($a),*)
         }
     };
 }
@@ -291,10 +308,11 @@ macro_rules! multiversion {
 /// Lanes per chunk of the vectorizable loops.
 const L: usize = 64;
 
-// Every loop below works on whole chunks of L elements held in fixed-size arrays (`&[u8; 32]`,
-// `[f32; 16]`, ...): with the lengths known, LLVM drops the bounds checks and turns each chunk
-// into a few vector instructions (one `vpmovzxwd` load per BF16 chunk with AVX-512). A tail
-// shorter than L is padded into a local chunk, run through the same code, and copied back.
+// Every loop below works on whole chunks of L elements held in fixed-size arrays (`&[u8; 128]`,
+// `[f32; 64]`, ...): with the lengths known, LLVM drops the bounds checks and vectorizes each
+// chunk's inner loop (one `vpmovzxwd` load per 16 BF16 values with AVX-512). With chunks of 16
+// it fully unrolled them first and then vectorized *across* chunks with gathers/scatters.
+// A tail shorter than L is padded into a local chunk, run through the same code, copied back.
 
 /// The `&[T; N]` view of a slice of exactly N elements (the callers guarantee the length).
 #[inline(always)]
@@ -312,6 +330,20 @@ trait Dec {
     const SIZE: usize;
     /// `c` holds exactly `L * SIZE` bytes.
     fn chunk(c: &[u8]) -> [f32; L];
+    /// [`Dec::chunk`], possibly with intrinsics of level `LV`.
+    #[inline(always)]
+    fn chunk_lv<const LV: u8>(c: &[u8]) -> [f32; L] {
+        Self::chunk(c)
+    }
+    /// `mul_nan_first(value, s)` of every element (`LV`: the `LV_*` level compiled for).
+    #[inline(always)]
+    fn chunk_scaled<const LV: u8>(c: &[u8], s: f32) -> [f32; L] {
+        let mut d = Self::chunk(c);
+        for v in d.iter_mut() {
+            *v = mul_nan_first(*v, s);
+        }
+        d
+    }
 }
 
 /// f32 written as a stored dtype, a chunk of L elements at a time.
@@ -370,6 +402,55 @@ impl Dec for Fp8 {
         let mut o = [0f32; L];
         for j in 0..L {
             o[j] = fp8_to_f32(c[j]);
+        }
+        o
+    }
+    /// `value × 1` is `value` for every code (the NaN codes' NaN is kept), so the x86 paths
+    /// decode through [`Fp8::chunk_scaled`] too.
+    #[inline(always)]
+    fn chunk_lv<const LV: u8>(c: &[u8]) -> [f32; L] {
+        if LV == LV_PORTABLE {
+            Self::chunk(c)
+        } else {
+            Self::chunk_scaled::<LV>(c, 1.0)
+        }
+    }
+    /// One NaN select instead of two: decode NaN codes as 480 (no select), scale, then put
+    /// the code's NaN in those lanes (what `mul_nan_first(fp8_to_f32(c), s)` gives). On x86
+    /// the F16 converter does the decoding (see [`x86::fp8_scaled_avx512`]).
+    #[inline(always)]
+    fn chunk_scaled<const LV: u8>(c: &[u8], s: f32) -> [f32; L] {
+        let c: &[u8; L] = arr(c);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let s256 = s * 256.0;
+            // 256·s must be exact: not when it overflows (|s| ≥ 2^120).
+            if LV != LV_PORTABLE && !(s256.is_infinite() && s.is_finite()) {
+                // SAFETY: instances with LV_AVX512 / LV_AVX2 are only compiled into the
+                // `multiversion!` wrappers with those target features, which run only on CPUs
+                // that have them.
+                return unsafe {
+                    if LV == LV_AVX512 {
+                        x86::fp8_scaled_avx512(c, s256)
+                    } else {
+                        x86::fp8_scaled_avx2(c, s256)
+                    }
+                };
+            }
+        }
+        let mut o = [0f32; L];
+        for j in 0..L {
+            let c = c[j] as u32;
+            let mag = c & 0x7f;
+            let sign = (c & 0x80) << 24;
+            let normal = (mag << 20) + 0x3c00_0000;
+            let sub = ((mag as i32) as f32 * (1.0 / 512.0)).to_bits();
+            let v = f32::from_bits(if mag < 8 { sub } else { normal } | sign) * s;
+            o[j] = if mag == 0x7f {
+                f32::from_bits(0x7fc0_0000 | sign)
+            } else {
+                v
+            };
         }
         o
     }
@@ -441,7 +522,7 @@ macro_rules! chunked {
 /// `a + b`, except that a NaN `a` is returned as is: when both are NaN the result is `a`'s
 /// NaN (what x86 `addps a, b` does; LLVM may swap the operands of a bare `+`).
 #[inline(always)]
-pub(crate) fn add_nan_first(a: f32, b: f32) -> f32 {
+fn add_nan_first(a: f32, b: f32) -> f32 {
     let s = a + b;
     if a.is_nan() {
         a
@@ -452,7 +533,7 @@ pub(crate) fn add_nan_first(a: f32, b: f32) -> f32 {
 
 /// `a * b` with the same first-operand NaN rule as [`add_nan_first`].
 #[inline(always)]
-pub(crate) fn mul_nan_first(a: f32, b: f32) -> f32 {
+fn mul_nan_first(a: f32, b: f32) -> f32 {
     let p = a * b;
     if a.is_nan() {
         a
@@ -463,41 +544,55 @@ pub(crate) fn mul_nan_first(a: f32, b: f32) -> f32 {
 
 /// out[i] = dec(src[i]) (× s if SCALED).
 #[inline(always)]
-fn map_k<D: Dec, const SCALED: bool>(src: &[u8], s: f32, out: &mut [f32]) {
+fn map_k<D: Dec, const LV: u8, const SCALED: bool>(src: &[u8], s: f32, out: &mut [f32]) {
     chunked!(src, D::SIZE, out, 1, |c, o| {
-        let d = D::chunk(c);
-        let o: &mut [f32; L] = arr_mut(o);
-        for j in 0..L {
-            o[j] = if SCALED { mul_nan_first(d[j], s) } else { d[j] };
-        }
+        let d = if SCALED {
+            D::chunk_scaled::<LV>(c, s)
+        } else {
+            D::chunk_lv::<LV>(c)
+        };
+        *arr_mut::<f32, L>(o) = d;
     })
 }
 
 /// acc[i] = w·d (FIRST) or acc[i] + w·d, with d = dec(src[i]) (× s if SCALED).
 #[inline(always)]
-fn axpy_k<D: Dec, const SCALED: bool, const FIRST: bool>(
+fn axpy_k<D: Dec, const LV: u8, const SCALED: bool, const FIRST: bool>(
     src: &[u8],
     s: f32,
     w: f32,
     acc: &mut [f32],
 ) {
     chunked!(src, D::SIZE, acc, 1, |c, a| {
-        let d = D::chunk(c);
+        let d = if SCALED {
+            D::chunk_scaled::<LV>(c, s)
+        } else {
+            D::chunk_lv::<LV>(c)
+        };
         let a: &mut [f32; L] = arr_mut(a);
         for j in 0..L {
-            let d = if SCALED { mul_nan_first(d[j], s) } else { d[j] };
-            a[j] = if FIRST { w * d } else { add_nan_first(a[j], w * d) };
+            a[j] = if FIRST {
+                w * d[j]
+            } else {
+                add_nan_first(a[j], w * d[j])
+            };
         }
     })
 }
 
 #[inline(always)]
-fn axpy_dispatch<D: Dec>(src: &[u8], s: Option<f32>, w: f32, acc: &mut [f32], first: bool) {
+fn axpy_dispatch<D: Dec, const LV: u8>(
+    src: &[u8],
+    s: Option<f32>,
+    w: f32,
+    acc: &mut [f32],
+    first: bool,
+) {
     match (s, first) {
-        (Some(s), true) => axpy_k::<D, true, true>(src, s, w, acc),
-        (Some(s), false) => axpy_k::<D, true, false>(src, s, w, acc),
-        (None, true) => axpy_k::<D, false, true>(src, 0.0, w, acc),
-        (None, false) => axpy_k::<D, false, false>(src, 0.0, w, acc),
+        (Some(s), true) => axpy_k::<D, LV, true, true>(src, s, w, acc),
+        (Some(s), false) => axpy_k::<D, LV, true, false>(src, s, w, acc),
+        (None, true) => axpy_k::<D, LV, false, true>(src, 0.0, w, acc),
+        (None, false) => axpy_k::<D, LV, false, false>(src, 0.0, w, acc),
     }
 }
 
@@ -510,11 +605,19 @@ fn scale_add_k(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
         let a: &mut [f32; L] = arr_mut(a);
         let x: &[f32; L] = arr(x);
         for j in 0..L {
-            a[j] = if first { w * x[j] } else { add_nan_first(a[j], w * x[j]) };
+            a[j] = if first {
+                w * x[j]
+            } else {
+                add_nan_first(a[j], w * x[j])
+            };
         }
     }
     for (a, x) in ac.into_remainder().iter_mut().zip(dc.remainder()) {
-        *a = if first { w * *x } else { add_nan_first(*a, w * *x) };
+        *a = if first {
+            w * *x
+        } else {
+            add_nan_first(*a, w * *x)
+        };
     }
 }
 
@@ -526,12 +629,12 @@ fn encode_k<E: Enc>(src: &[f32], out: &mut [u8]) {
 }
 
 #[inline(always)]
-fn decode_any(dtype: DType, src: &[u8], out: &mut [f32]) {
+fn decode_any<const LV: u8>(dtype: DType, src: &[u8], out: &mut [f32]) {
     match dtype {
-        DType::BF16 => map_k::<Bf16, false>(src, 0.0, out),
-        DType::F16 => map_k::<F16, false>(src, 0.0, out),
-        DType::F32 => map_k::<F32, false>(src, 0.0, out),
-        DType::F8E4M3 => map_k::<Fp8, false>(src, 0.0, out),
+        DType::BF16 => map_k::<Bf16, LV, false>(src, 0.0, out),
+        DType::F16 => map_k::<F16, LV, false>(src, 0.0, out),
+        DType::F32 => map_k::<F32, LV, false>(src, 0.0, out),
+        DType::F8E4M3 => map_k::<Fp8, LV, false>(src, 0.0, out),
         DType::Other(_) => unreachable!("checked by the caller"),
     }
 }
@@ -547,38 +650,36 @@ fn encode_any(dtype: DType, src: &[f32], out: &mut [u8]) {
 }
 
 #[inline(always)]
-fn axpy_any(dtype: DType, src: &[u8], s: Option<f32>, w: f32, acc: &mut [f32], first: bool) {
+fn axpy_any<const LV: u8>(
+    dtype: DType,
+    src: &[u8],
+    s: Option<f32>,
+    w: f32,
+    acc: &mut [f32],
+    first: bool,
+) {
     match dtype {
-        DType::BF16 => axpy_dispatch::<Bf16>(src, s, w, acc, first),
-        DType::F16 => axpy_dispatch::<F16>(src, s, w, acc, first),
-        DType::F32 => axpy_dispatch::<F32>(src, s, w, acc, first),
-        DType::F8E4M3 => axpy_dispatch::<Fp8>(src, s, w, acc, first),
+        DType::BF16 => axpy_dispatch::<Bf16, LV>(src, s, w, acc, first),
+        DType::F16 => axpy_dispatch::<F16, LV>(src, s, w, acc, first),
+        DType::F32 => axpy_dispatch::<F32, LV>(src, s, w, acc, first),
+        DType::F8E4M3 => axpy_dispatch::<Fp8, LV>(src, s, w, acc, first),
         DType::Other(_) => unreachable!("checked by the caller"),
     }
 }
 
-/// Largest `|x|` bit pattern (NaN > inf > finite).
+/// Largest of 128 amax lanes.
 #[inline(always)]
-fn amax_k(x: &[f32]) -> u32 {
-    let mut m = [0u32; L];
-    let mut it = x.chunks_exact(L);
-    for c in &mut it {
-        let c: &[f32; L] = arr(c);
-        for j in 0..L {
-            m[j] = m[j].max(c[j].to_bits() & 0x7fff_ffff);
-        }
-    }
+fn amax_k(x: &[u32; FP8_BLOCK]) -> u32 {
     let mut r = 0u32;
-    for v in it.remainder() {
-        r = r.max(v.to_bits() & 0x7fff_ffff);
-    }
-    for v in m {
-        r = r.max(v);
+    for v in x {
+        r = r.max(*v);
     }
     r
 }
 
-/// codes[i] = fp8(x[i] / scale) (true division).
+/// codes[i] = fp8(x[i] / scale), a true f32 division per element. (Multiplying by 1/scale
+/// and falling back to division only near FP8 rounding midpoints gives the same bits, but
+/// measured no faster here: the divider runs beside the integer encoding, which dominates.)
 #[inline(always)]
 fn quant_k(x: &[f32], scale: f32, out: &mut [u8]) {
     chunked!(x, 1, out, 1, |c, o| {
@@ -588,6 +689,21 @@ fn quant_k(x: &[f32], scale: f32, out: &mut [u8]) {
             o[j] = f32_to_fp8(c[j] / scale);
         }
     })
+}
+
+/// `lanes[j] = max(lanes[j], |x[j]| bits)`: block amaxes are kept as 128 lanes across the rows
+/// of a block and reduced once (integer max: order-free, NaN largest).
+#[inline(always)]
+fn amax_lanes(lanes: &mut [u32; FP8_BLOCK], x: &[f32]) {
+    if let Ok(x) = <&[f32; FP8_BLOCK]>::try_from(x) {
+        for j in 0..FP8_BLOCK {
+            lanes[j] = lanes[j].max(x[j].to_bits() & 0x7fff_ffff);
+        }
+    } else {
+        for (l, v) in lanes.iter_mut().zip(x) {
+            *l = (*l).max(v.to_bits() & 0x7fff_ffff);
+        }
+    }
 }
 
 #[inline(always)]
@@ -621,6 +737,97 @@ fn sq_k(lanes: &mut [f64; 8], a: &[f32], b: &[f32]) {
     *lanes = l;
 }
 
+/// The few kernels where explicit x86 intrinsics pay.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::L;
+    use std::arch::x86_64::*;
+
+    // FP8 E4M3FN → f32 through the F16 converter: for a code c, the 16-bit pattern
+    // `(c & 0x80) << 8 | (c & 0x7f) << 7` (= `(c + (c & 0x80)) << 7`) is an IEEE half whose
+    // value is exactly the code's value × 2^-8: same mantissa bits, exponent bias 15 instead
+    // of 7, and E4M3 subnormals (m × 2^-9) land on F16 subnormals (m × 2^-17). vcvtph2ps
+    // converts exactly; `× (256·s)` then equals `(value × 256) × s` bit for bit, because
+    // 256·s is exact (the caller checks it did not overflow) and so both round the same real
+    // number. The NaN codes (0x7f/0xff, 1.875 × 2^0 as halves) are replaced afterwards by the
+    // quiet NaN with the code's sign, which is what `mul_nan_first(fp8_to_f32(c), s)` gives.
+
+    /// `mul_nan_first(fp8_to_f32(c[i]), s)` for 64 codes, with `s256 = 256·s` exact.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    pub(super) unsafe fn fp8_scaled_avx512(c: &[u8; L], s256: f32) -> [f32; L] {
+        let mut out = [0f32; L];
+        let sv = _mm512_set1_ps(s256);
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let qnan = _mm512_set1_epi32(0x7fc0_0000);
+        for k in 0..L / 32 {
+            // SAFETY: 32 bytes at 32·k < L are in `c`; unaligned loads.
+            let bytes = unsafe { _mm256_loadu_si256(c.as_ptr().add(32 * k).cast()) };
+            let w = _mm512_cvtepu8_epi16(bytes);
+            let h = _mm512_slli_epi16::<7>(_mm512_add_epi16(
+                w,
+                _mm512_and_si512(w, _mm512_set1_epi16(0x80)),
+            ));
+            let nan = _mm256_cmpeq_epi8_mask(
+                _mm256_and_si256(bytes, _mm256_set1_epi8(0x7f)),
+                _mm256_set1_epi8(0x7f),
+            );
+            let halves = [_mm512_castsi512_si256(h), _mm512_extracti64x4_epi64::<1>(h)];
+            for (i, hh) in halves.into_iter().enumerate() {
+                let f = _mm512_cvtph_ps(hh);
+                let v = _mm512_mul_ps(f, sv);
+                // (f & sign) | qnan: the quiet NaN with the code's sign.
+                let nv = _mm512_ternarylogic_epi32::<0xf8>(qnan, _mm512_castps_si512(f), sign);
+                let m = (nan >> (16 * i)) as __mmask16;
+                let r = _mm512_mask_mov_ps(v, m, _mm512_castsi512_ps(nv));
+                // SAFETY: 16 floats at 32·k + 16·i < L are in `out`.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(32 * k + 16 * i), r) };
+            }
+        }
+        out
+    }
+
+    /// The AVX2 + F16C version of [`fp8_scaled_avx512`].
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn fp8_scaled_avx2(c: &[u8; L], s256: f32) -> [f32; L] {
+        let mut out = [0f32; L];
+        let sv = _mm256_set1_ps(s256);
+        let sign = _mm256_set1_ps(f32::from_bits(0x8000_0000));
+        let qnan = _mm256_set1_ps(f32::from_bits(0x7fc0_0000));
+        for k in 0..L / 16 {
+            // SAFETY: 16 bytes at 16·k < L are in `c`; unaligned load.
+            let bytes = unsafe { _mm_loadu_si128(c.as_ptr().add(16 * k).cast()) };
+            let w = _mm256_cvtepu8_epi16(bytes);
+            let h = _mm256_slli_epi16::<7>(_mm256_add_epi16(
+                w,
+                _mm256_and_si256(w, _mm256_set1_epi16(0x80)),
+            ));
+            let nan16 = _mm256_cmpeq_epi16(
+                _mm256_and_si256(w, _mm256_set1_epi16(0x7f)),
+                _mm256_set1_epi16(0x7f),
+            );
+            let halves = [
+                (_mm256_castsi256_si128(h), _mm256_castsi256_si128(nan16)),
+                (
+                    _mm256_extracti128_si256::<1>(h),
+                    _mm256_extracti128_si256::<1>(nan16),
+                ),
+            ];
+            for (i, (hh, nn)) in halves.into_iter().enumerate() {
+                let f = _mm256_cvtph_ps(hh);
+                let v = _mm256_mul_ps(f, sv);
+                let nv = _mm256_or_ps(_mm256_and_ps(f, sign), qnan);
+                let m = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nn));
+                let r = _mm256_blendv_ps(v, nv, m);
+                // SAFETY: 8 floats at 16·k + 8·i < L are in `out`.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(16 * k + 8 * i), r) };
+            }
+        }
+        out
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shape checks (shared by the fast and scalar paths)
 // ---------------------------------------------------------------------------------------------
@@ -638,15 +845,11 @@ fn band_dims(n: usize, cols: usize) -> (usize, usize, usize) {
     }
     assert!(cols > 0, "kernels: cols == 0 for a non-empty FP8 band");
     assert!(
-        n % cols == 0,
+        n.is_multiple_of(cols),
         "kernels: FP8 band of {n} elements is not whole rows of {cols}"
     );
     let nrows = n / cols;
-    (
-        nrows,
-        nrows.div_ceil(FP8_BLOCK),
-        cols.div_ceil(FP8_BLOCK),
-    )
+    (nrows, nrows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK))
 }
 
 #[track_caller]
@@ -675,13 +878,17 @@ pub fn decode(dtype: DType, src: &[u8], out: &mut [f32]) {
 
 fn decode_at(level: SimdLevel, dtype: DType, src: &[u8], out: &mut [f32]) {
     check_mixable(dtype);
-    assert_eq!(src.len(), out.len() * dtype.size(), "kernels::decode: length mismatch");
+    assert_eq!(
+        src.len(),
+        out.len() * dtype.size(),
+        "kernels::decode: length mismatch"
+    );
     decode_mv(level, dtype, src, out)
 }
 
 multiversion! {
-    fn decode_mv(dtype: DType, src: &[u8], out: &mut [f32]) {
-        decode_any(dtype, src, out)
+    fn decode_mv<LV>(dtype: DType, src: &[u8], out: &mut [f32]) {
+        decode_any::<LV>(dtype, src, out)
     }
 }
 
@@ -697,20 +904,24 @@ pub fn dequant_fp8(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
 }
 
 fn dequant_fp8_at(level: SimdLevel, src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
-    assert_eq!(src.len(), out.len(), "kernels::dequant_fp8: length mismatch");
+    assert_eq!(
+        src.len(),
+        out.len(),
+        "kernels::dequant_fp8: length mismatch"
+    );
     let (nrows, _, nbc) = check_scales(src.len(), cols, scales.len());
     dequant_mv(level, src, cols, scales, out, nrows, nbc)
 }
 
 multiversion! {
-    fn dequant_mv(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32], nrows: usize, nbc: usize) {
+    fn dequant_mv<LV>(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32], nrows: usize, nbc: usize) {
         for r in 0..nrows {
             let row = r * cols;
             let srow = &scales[(r / FP8_BLOCK) * nbc..];
             for bc in 0..nbc {
                 let c0 = bc * FP8_BLOCK;
                 let c1 = (c0 + FP8_BLOCK).min(cols);
-                map_k::<Fp8, true>(&src[row + c0..row + c1], srow[bc], &mut out[row + c0..row + c1]);
+                map_k::<Fp8, LV, true>(&src[row + c0..row + c1], srow[bc], &mut out[row + c0..row + c1]);
             }
         }
     }
@@ -730,7 +941,7 @@ fn scale_add_at(level: SimdLevel, acc: &mut [f32], w: f32, d: &[f32], first: boo
 }
 
 multiversion! {
-    fn scale_add_mv(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
+    fn scale_add_mv<LV>(acc: &mut [f32], w: f32, d: &[f32], first: bool) {
         scale_add_k(acc, w, d, first)
     }
 }
@@ -753,12 +964,16 @@ fn check_encodable(dtype: DType) {
 
 fn encode_at(level: SimdLevel, dtype: DType, src: &[f32], out: &mut [u8]) {
     check_encodable(dtype);
-    assert_eq!(out.len(), src.len() * dtype.size(), "kernels::encode: length mismatch");
+    assert_eq!(
+        out.len(),
+        src.len() * dtype.size(),
+        "kernels::encode: length mismatch"
+    );
     encode_mv(level, dtype, src, out)
 }
 
 multiversion! {
-    fn encode_mv(dtype: DType, src: &[f32], out: &mut [u8]) {
+    fn encode_mv<LV>(dtype: DType, src: &[f32], out: &mut [u8]) {
         encode_any(dtype, src, out)
     }
 }
@@ -775,14 +990,24 @@ pub fn quantize_fp8(acc: &[f32], cols: usize, codes: &mut [u8], scales: &mut [f3
     quantize_fp8_at(simd_level(), acc, cols, codes, scales)
 }
 
-fn quantize_fp8_at(level: SimdLevel, acc: &[f32], cols: usize, codes: &mut [u8], scales: &mut [f32]) {
-    assert_eq!(acc.len(), codes.len(), "kernels::quantize_fp8: length mismatch");
+fn quantize_fp8_at(
+    level: SimdLevel,
+    acc: &[f32],
+    cols: usize,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) {
+    assert_eq!(
+        acc.len(),
+        codes.len(),
+        "kernels::quantize_fp8: length mismatch"
+    );
     let (nrows, nbr, nbc) = check_scales(acc.len(), cols, scales.len());
     quantize_mv(level, acc, cols, codes, scales, nrows, nbr, nbc)
 }
 
 multiversion! {
-    fn quantize_mv(
+    fn quantize_mv<LV>(
         acc: &[f32],
         cols: usize,
         codes: &mut [u8],
@@ -807,15 +1032,45 @@ multiversion! {
     }
 }
 
-/// Columns per tile of the row-major FP8 passes (a multiple of 128): 128 rows × 2048 f32 =
-/// 1 MiB, which stays in L2 while every row is read as long sequential runs.
-const TILE_COLS: usize = 16 * FP8_BLOCK;
+#[cfg(test)]
+multiversion! {
+    /// Test probe: `quant_k` with a given scale over a whole slice.
+    fn quant_mv_probe<LV>(x: &[f32], scale: f32, out: &mut [u8]) {
+        for (seg, o) in x.chunks(FP8_BLOCK).zip(out.chunks_mut(FP8_BLOCK)) {
+            quant_k(seg, scale, o);
+        }
+    }
+}
+
+/// Hints the CPU to fetch `bytes` into the cache (no effect on results; a no-op off x86).
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes.len()).step_by(64) {
+        // SAFETY: `off` is inside `bytes`; a prefetch never faults and changes no state
+        // visible to the program.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(off).cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
+/// How many rows ahead [`mix`] with FP8 output prefetches its inputs.
+const PREFETCH_ROWS: usize = 4;
+
+/// Columns per tile of the row-major FP8 passes (a multiple of 128): 128 rows × 512 f32 =
+/// 256 KiB stays in L2 (measured: 512 to 4096 columns perform alike here; with prefetch the
+/// short row runs cost little).
+const TILE_COLS: usize = 4 * FP8_BLOCK;
 
 /// Quantizes one block row, columns `c0..c1` (`c0` a multiple of 128, at most `TILE_COLS`
 /// wide): `t` holds the `rows` rows with stride `ts` (column `c0` at offset 0). Pass 1 takes
 /// the block amaxes row by row, pass 2 quantizes row by row (sequential runs, no 128-row
-/// strided walks). `codes` is the block row of the band (stride `cols`), `scales` the block
-/// row's scales.
+/// strided walks). `codes` is the block row of the band
+/// (stride `cols`), `scales` the block row's scales.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn quant_tile(
@@ -830,22 +1085,26 @@ fn quant_tile(
 ) {
     let w = c1 - c0;
     let nb = w.div_ceil(FP8_BLOCK);
-    let mut amax = [0u32; TILE_COLS / FP8_BLOCK];
+    let mut lanes = [[0u32; FP8_BLOCK]; TILE_COLS / FP8_BLOCK];
     for r in 0..rows {
         let row = &t[r * ts..r * ts + w];
-        for (m, seg) in amax.iter_mut().zip(row.chunks(FP8_BLOCK)) {
-            *m = (*m).max(amax_k(seg));
+        for (l, seg) in lanes.iter_mut().zip(row.chunks(FP8_BLOCK)) {
+            amax_lanes(l, seg);
         }
     }
     let mut sc = [0f32; TILE_COLS / FP8_BLOCK];
     for b in 0..nb {
-        sc[b] = block_scale(amax[b]);
+        sc[b] = block_scale(amax_k(&lanes[b]));
         scales[c0 / FP8_BLOCK + b] = sc[b];
     }
     for r in 0..rows {
         let row = &t[r * ts..r * ts + w];
         let out = &mut codes[r * cols + c0..r * cols + c1];
-        for ((seg, o), s) in row.chunks(FP8_BLOCK).zip(out.chunks_mut(FP8_BLOCK)).zip(&sc) {
+        for ((seg, o), s) in row
+            .chunks(FP8_BLOCK)
+            .zip(out.chunks_mut(FP8_BLOCK))
+            .zip(&sc)
+        {
             quant_k(seg, *s, o);
         }
     }
@@ -936,13 +1195,15 @@ impl SqDiffAcc {
         check_mixable(dtb);
         let (sa, sb) = (dta.size(), dtb.size());
         assert!(
-            a.len() % sa == 0 && b.len() % sb == 0 && a.len() / sa == b.len() / sb,
+            a.len().is_multiple_of(sa)
+                && b.len().is_multiple_of(sb)
+                && a.len() / sa == b.len() / sb,
             "kernels::sum_sq_diff_bytes: length mismatch"
         );
         let n = a.len() / sa;
         // Head elements (to reach lane alignment) one by one, then whole tiles.
         let mut i = 0;
-        while self.n % 8 != 0 && i < n {
+        while !self.n.is_multiple_of(8) && i < n {
             let x = decode_one(dta, &a[i * sa..]);
             let y = decode_one(dtb, &b[i * sb..]);
             self.head(&[x], &[y]);
@@ -956,13 +1217,13 @@ impl SqDiffAcc {
 }
 
 multiversion! {
-    fn sq_mv(lanes: &mut [f64; 8], a: &[f32], b: &[f32]) {
+    fn sq_mv<LV>(lanes: &mut [f64; 8], a: &[f32], b: &[f32]) {
         sq_k(lanes, a, b)
     }
 }
 
 multiversion! {
-    fn sq_bytes_mv(lanes: &mut [f64; 8], dta: DType, a: &[u8], dtb: DType, b: &[u8], n: usize) {
+    fn sq_bytes_mv<LV>(lanes: &mut [f64; 8], dta: DType, a: &[u8], dtb: DType, b: &[u8], n: usize) {
         // Decode tiles of both into L1, then the f64 lanes (tiles are multiples of 8 long, so
         // the lane of every element is its index mod 8).
         const T: usize = 1024;
@@ -972,8 +1233,8 @@ multiversion! {
         let mut k = 0;
         while k < n {
             let m = T.min(n - k);
-            decode_any(dta, &a[k * sa..(k + m) * sa], &mut ta[..m]);
-            decode_any(dtb, &b[k * sb..(k + m) * sb], &mut tb[..m]);
+            decode_any::<LV>(dta, &a[k * sa..(k + m) * sa], &mut ta[..m]);
+            decode_any::<LV>(dtb, &b[k * sb..(k + m) * sb], &mut tb[..m]);
             sq_k(lanes, &ta[..m], &tb[..m]);
             k += m;
         }
@@ -1023,7 +1284,11 @@ pub fn accumulate(
 #[track_caller]
 fn check_accumulate(dtype: DType, src_len: usize, scales: Option<(&[f32], usize)>, n: usize) {
     check_mixable(dtype);
-    assert_eq!(src_len, n * dtype.size(), "kernels::accumulate: length mismatch");
+    assert_eq!(
+        src_len,
+        n * dtype.size(),
+        "kernels::accumulate: length mismatch"
+    );
     if let Some((s, cols)) = scales {
         assert!(
             dtype == DType::F8E4M3,
@@ -1047,7 +1312,7 @@ fn accumulate_at(
 }
 
 multiversion! {
-    fn accumulate_mv(
+    fn accumulate_mv<LV>(
         dtype: DType,
         src: &[u8],
         scales: Option<(&[f32], usize)>,
@@ -1055,13 +1320,13 @@ multiversion! {
         acc: &mut [f32],
         first: bool,
     ) {
-        accumulate_range(dtype, src, scales, 0, w, acc, first)
+        accumulate_range::<LV>(dtype, src, scales, 0, w, acc, first)
     }
 }
 
 /// Accumulates elements `start .. start + acc.len()` of a band (`src` is the whole band).
 #[inline(always)]
-fn accumulate_range(
+fn accumulate_range<const LV: u8>(
     dtype: DType,
     src: &[u8],
     scales: Option<(&[f32], usize)>,
@@ -1072,7 +1337,14 @@ fn accumulate_range(
 ) {
     let sz = dtype.size();
     match scales {
-        None => axpy_any(dtype, &src[start * sz..(start + acc.len()) * sz], None, w, acc, first),
+        None => axpy_any::<LV>(
+            dtype,
+            &src[start * sz..(start + acc.len()) * sz],
+            None,
+            w,
+            acc,
+            first,
+        ),
         Some((sc, cols)) => {
             // Segments of constant scale: within one row and one 128-column block.
             let nbc = cols.div_ceil(FP8_BLOCK);
@@ -1084,7 +1356,13 @@ fn accumulate_range(
                 let bc = col / FP8_BLOCK;
                 let seg_end = end.min(row * cols + cols.min((bc + 1) * FP8_BLOCK));
                 let s = sc[(row / FP8_BLOCK) * nbc + bc];
-                axpy_dispatch::<Fp8>(&src[k..seg_end], Some(s), w, &mut acc[k - start..seg_end - start], first);
+                axpy_dispatch::<Fp8, LV>(
+                    &src[k..seg_end],
+                    Some(s),
+                    w,
+                    &mut acc[k - start..seg_end - start],
+                    first,
+                );
                 k = seg_end;
             }
         }
@@ -1135,7 +1413,7 @@ fn check_mix(
     assert!(!inputs.is_empty(), "kernels::mix: no inputs");
     check_mixable(out_dtype);
     assert!(
-        out_len % out_dtype.size() == 0,
+        out_len.is_multiple_of(out_dtype.size()),
         "kernels::mix: output length not whole elements"
     );
     let n = out_len / out_dtype.size();
@@ -1161,7 +1439,13 @@ fn mix_at(
     out: &mut [u8],
     out_scales: Option<&mut [f32]>,
 ) {
-    let n = check_mix(inputs, cols, out_dtype, out.len(), out_scales.as_ref().map(|s| s.len()));
+    let n = check_mix(
+        inputs,
+        cols,
+        out_dtype,
+        out.len(),
+        out_scales.as_ref().map(|s| s.len()),
+    );
     match out_scales {
         None => mix_tiles_mv(level, inputs, cols, out_dtype, out, n),
         Some(out_scales) => {
@@ -1175,8 +1459,8 @@ fn mix_at(
 
 multiversion! {
     /// Non-FP8 output: L1-sized tiles of the flat element range.
-    fn mix_tiles_mv(inputs: &[MixInput<'_>], cols: usize, out_dtype: DType, out: &mut [u8], n: usize) {
-        const T: usize = 2048;
+    fn mix_tiles_mv<LV>(inputs: &[MixInput<'_>], cols: usize, out_dtype: DType, out: &mut [u8], n: usize) {
+        const T: usize = 512;
         let mut tile = [0f32; T];
         let sz = out_dtype.size();
         let mut k = 0;
@@ -1184,7 +1468,7 @@ multiversion! {
             let m = T.min(n - k);
             let t = &mut tile[..m];
             for (i, p) in inputs.iter().enumerate() {
-                accumulate_range(p.dtype, p.bytes, p.scales.map(|s| (s, cols)), k, p.weight, t, i == 0);
+                accumulate_range::<LV>(p.dtype, p.bytes, p.scales.map(|s| (s, cols)), k, p.weight, t, i == 0);
             }
             encode_any(out_dtype, t, &mut out[k * sz..(k + m) * sz]);
             k += m;
@@ -1195,7 +1479,7 @@ multiversion! {
 multiversion! {
     /// FP8 output: per block row, tiles of 128 rows × `TILE_COLS` columns (mix row by row,
     /// block amaxes, quantize), in the caller's scratch of `128 * TILE_COLS` floats.
-    fn mix_fp8_mv(
+    fn mix_fp8_mv<LV>(
         inputs: &[MixInput<'_>],
         cols: usize,
         out: &mut [u8],
@@ -1213,9 +1497,29 @@ multiversion! {
                 let w = c1 - c0;
                 for r in 0..rows {
                     let t = &mut tile[r * w..(r + 1) * w];
+                    let k = (r0 + r) * cols + c0;
+                    // The rows of a tile are `cols` apart, each a short run the hardware
+                    // prefetchers barely see: fetch a later row's runs while this one computes.
+                    if r0 + r + PREFETCH_ROWS < nrows {
+                        let k = k + PREFETCH_ROWS * cols;
+                        for p in inputs {
+                            let sz = p.dtype.size();
+                            prefetch(&p.bytes[k * sz..(k + w) * sz]);
+                        }
+                    }
                     for (i, p) in inputs.iter().enumerate() {
-                        let sc = p.scales.map(|s| (s, cols));
-                        accumulate_range(p.dtype, p.bytes, sc, (r0 + r) * cols + c0, p.weight, t, i == 0);
+                        let sz = p.dtype.size();
+                        let src = &p.bytes[k * sz..(k + w) * sz];
+                        match p.scales {
+                            None => axpy_any::<LV>(p.dtype, src, None, p.weight, t, i == 0),
+                            Some(sc) => {
+                                // One 128-column block (one scale) at a time.
+                                let sc = &sc[br * nbc + c0 / FP8_BLOCK..];
+                                for ((seg, a), s) in src.chunks(FP8_BLOCK).zip(t.chunks_mut(FP8_BLOCK)).zip(sc) {
+                                    axpy_dispatch::<Fp8, LV>(seg, Some(*s), p.weight, a, i == 0);
+                                }
+                            }
+                        }
                     }
                 }
                 let codes = &mut out[r0 * cols..(r0 + rows) * cols];
@@ -1227,7 +1531,7 @@ multiversion! {
 }
 
 thread_local! {
-    /// Reused scratch of [`mix`] with FP8 output (1 MiB per thread; fresh memory is slow).
+    /// Reused scratch of [`mix`] with FP8 output (256 KiB per thread; fresh memory is slow).
     static FP8_TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -1239,7 +1543,9 @@ thread_local! {
 /// algorithm for F16, exact rounding arithmetic for FP8 and BF16), element by element. Slow;
 /// for tests and as the specification of the fast paths.
 pub mod scalar {
-    use super::{check_accumulate, check_encodable, check_mix, check_mixable, check_scales, MixInput};
+    use super::{
+        check_accumulate, check_encodable, check_mix, check_mixable, check_scales, MixInput,
+    };
     use super::{DType, FP8_BLOCK, FP8_MAX};
 
     fn pow2_f64(k: i32) -> f64 {
@@ -1425,7 +1731,11 @@ pub mod scalar {
     /// Reference of [`super::decode`].
     pub fn decode(dtype: DType, src: &[u8], out: &mut [f32]) {
         check_mixable(dtype);
-        assert_eq!(src.len(), out.len() * dtype.size(), "kernels::decode: length mismatch");
+        assert_eq!(
+            src.len(),
+            out.len() * dtype.size(),
+            "kernels::decode: length mismatch"
+        );
         let sz = dtype.size();
         for (i, o) in out.iter_mut().enumerate() {
             *o = decode_one(dtype, &src[i * sz..]);
@@ -1434,7 +1744,11 @@ pub mod scalar {
 
     /// Reference of [`super::dequant_fp8`].
     pub fn dequant_fp8(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
-        assert_eq!(src.len(), out.len(), "kernels::dequant_fp8: length mismatch");
+        assert_eq!(
+            src.len(),
+            out.len(),
+            "kernels::dequant_fp8: length mismatch"
+        );
         let (nrows, _, nbc) = check_scales(src.len(), cols, scales.len());
         for r in 0..nrows {
             for c in 0..cols {
@@ -1465,10 +1779,16 @@ pub mod scalar {
     /// Reference of [`super::encode`].
     pub fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
         check_encodable(dtype);
-        assert_eq!(out.len(), src.len() * dtype.size(), "kernels::encode: length mismatch");
+        assert_eq!(
+            out.len(),
+            src.len() * dtype.size(),
+            "kernels::encode: length mismatch"
+        );
         for (i, x) in src.iter().enumerate() {
             match dtype {
-                DType::BF16 => out[2 * i..2 * i + 2].copy_from_slice(&f32_to_bf16(*x).to_le_bytes()),
+                DType::BF16 => {
+                    out[2 * i..2 * i + 2].copy_from_slice(&f32_to_bf16(*x).to_le_bytes())
+                }
                 DType::F16 => out[2 * i..2 * i + 2].copy_from_slice(&f32_to_f16(*x).to_le_bytes()),
                 _ => out[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes()),
             }
@@ -1477,7 +1797,11 @@ pub mod scalar {
 
     /// Reference of [`super::quantize_fp8`].
     pub fn quantize_fp8(acc: &[f32], cols: usize, codes: &mut [u8], scales: &mut [f32]) {
-        assert_eq!(acc.len(), codes.len(), "kernels::quantize_fp8: length mismatch");
+        assert_eq!(
+            acc.len(),
+            codes.len(),
+            "kernels::quantize_fp8: length mismatch"
+        );
         let (nrows, nbr, nbc) = check_scales(acc.len(), cols, scales.len());
         for br in 0..nbr {
             for bc in 0..nbc {
@@ -1523,7 +1847,7 @@ pub mod scalar {
         check_mixable(dtype_b);
         let n = a.len() / dtype_a.size();
         assert!(
-            a.len() % dtype_a.size() == 0 && b.len() == n * dtype_b.size(),
+            a.len().is_multiple_of(dtype_a.size()) && b.len() == n * dtype_b.size(),
             "kernels::sum_sq_diff_bytes: length mismatch"
         );
         let mut x = vec![0f32; n];
@@ -1560,10 +1884,23 @@ pub mod scalar {
         out: &mut [u8],
         out_scales: Option<&mut [f32]>,
     ) {
-        let n = check_mix(inputs, cols, out_dtype, out.len(), out_scales.as_ref().map(|s| s.len()));
+        let n = check_mix(
+            inputs,
+            cols,
+            out_dtype,
+            out.len(),
+            out_scales.as_ref().map(|s| s.len()),
+        );
         let mut acc = vec![0f32; n];
         for (i, p) in inputs.iter().enumerate() {
-            accumulate(p.dtype, p.bytes, p.scales.map(|s| (s, cols)), p.weight, &mut acc, i == 0);
+            accumulate(
+                p.dtype,
+                p.bytes,
+                p.scales.map(|s| (s, cols)),
+                p.weight,
+                &mut acc,
+                i == 0,
+            );
         }
         match out_scales {
             Some(s) => quantize_fp8(&acc, cols, out, s),
@@ -1607,6 +1944,9 @@ mod tests {
         }
     }
 
+    /// dtype, bytes, FP8 scales, weight.
+    type OwnedInput = (DType, Vec<u8>, Option<Vec<f32>>, f32);
+
     const LENGTHS: &[usize] = &[
         0, 1, 7, 15, 16, 17, 31, 33, 63, 65, 127, 128, 129, 255, 257, 1000,
     ];
@@ -1632,7 +1972,10 @@ mod tests {
     fn same<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
-            panic!("{what}: first difference at {i}: got {:?}, want {:?}", got[i], want[i]);
+            panic!(
+                "{what}: first difference at {i}: got {:?}, want {:?}",
+                got[i], want[i]
+            );
         }
     }
 
@@ -1643,31 +1986,95 @@ mod tests {
     /// f32 inputs that stress the encoders.
     fn edge_f32() -> Vec<f32> {
         let mut v: Vec<f32> = [
-            0u32, 0x8000_0000, 0x7f80_0000, 0xff80_0000, // ±0, ±inf
-            0x7fc0_0000, 0xffc0_0000, 0x7f80_0001, 0xff80_0001, 0x7fa0_0001, 0xffa0_0001,
-            0x7fff_ffff, 0xffff_ffff, 0x7fc0_0001, 0x7fbf_ffff, 0x7f80_2000, 0x7f80_1fff,
-            0x7fc0_1000, 0xff80_e000, // NaNs with payloads
-            1, 2, 3, 0x007f_ffff, 0x0040_0000, 0x8000_0001, 0x807f_ffff, // f32 subnormals
-            0x0080_0000, 0x7f7f_ffff, 0xff7f_ffff, 0x7f7f_8000, 0x7f7f_7fff, 0x7f7f_0000,
+            0u32,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000, // ±0, ±inf
+            0x7fc0_0000,
+            0xffc0_0000,
+            0x7f80_0001,
+            0xff80_0001,
+            0x7fa0_0001,
+            0xffa0_0001,
+            0x7fff_ffff,
+            0xffff_ffff,
+            0x7fc0_0001,
+            0x7fbf_ffff,
+            0x7f80_2000,
+            0x7f80_1fff,
+            0x7fc0_1000,
+            0xff80_e000, // NaNs with payloads
+            1,
+            2,
+            3,
+            0x007f_ffff,
+            0x0040_0000,
+            0x8000_0001,
+            0x807f_ffff, // f32 subnormals
+            0x0080_0000,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f7f_8000,
+            0x7f7f_7fff,
+            0x7f7f_0000,
         ]
         .iter()
         .map(|&b| f32::from_bits(b))
         .collect();
         v.extend([
-            448.0, 464.0, 465.0, 456.0, 447.0, 449.0, 480.0, 500.0, 1e6, 240.0, 248.0, 232.0,
-            65504.0, 65519.0, 65520.0, 65535.0, 65536.0, 65519.996, 65520.004, 1.0, -1.0, 0.1,
+            448.0,
+            464.0,
+            465.0,
+            456.0,
+            447.0,
+            449.0,
+            480.0,
+            500.0,
+            1e6,
+            240.0,
+            248.0,
+            232.0,
+            65504.0,
+            65519.0,
+            65520.0,
+            65535.0,
+            65536.0,
+            65520f32.next_down(),
+            65520f32.next_up(),
+            1.0,
+            -1.0,
+            0.1,
         ]);
         for k in -30..20 {
             let p = pow2(k);
-            v.extend([p, 1.5 * p, 1.25 * p, 1.0625 * p, 1.03125 * p, 1.0078125 * p, 1.00390625 * p]);
+            v.extend([
+                p,
+                1.5 * p,
+                1.25 * p,
+                1.0625 * p,
+                1.03125 * p,
+                1.0078125 * p,
+                (1.0 + 1.0 / 256.0) * p,
+            ]);
         }
-        v.extend([464f32.next_down(), 464f32.next_up(), 448f32.next_up(), 448f32.next_down()]);
-        v.extend([pow2(-10), pow2(-10).next_up(), pow2(-10).next_down(), 1.5 * pow2(-9)]);
+        v.extend([
+            464f32.next_down(),
+            464f32.next_up(),
+            448f32.next_up(),
+            448f32.next_down(),
+        ]);
+        v.extend([
+            pow2(-10),
+            pow2(-10).next_up(),
+            pow2(-10).next_down(),
+            1.5 * pow2(-9),
+        ]);
         // Every FP8, BF16 and F16 value, the midpoints to their neighbours and one ulp around.
-        let mut grids: Vec<Vec<f32>> = Vec::new();
-        grids.push((0..0x7fu8).map(scalar::fp8_to_f32).collect());
-        grids.push((0..0x7c00u16).map(scalar::f16_to_f32).collect());
-        grids.push((0..0x7f80u16).step_by(3).map(scalar::bf16_to_f32).collect());
+        let grids: [Vec<f32>; 3] = [
+            (0..0x7fu8).map(scalar::fp8_to_f32).collect(),
+            (0..0x7c00u16).map(scalar::f16_to_f32).collect(),
+            (0..0x7f80u16).step_by(3).map(scalar::bf16_to_f32).collect(),
+        ];
         for g in grids {
             for w in g.windows(2) {
                 let mid = ((w[0] as f64 + w[1] as f64) / 2.0) as f32;
@@ -1865,9 +2272,24 @@ mod tests {
 
     fn check_encoders(xs: &[f32]) {
         for &x in xs {
-            assert_eq!(f32_to_fp8(x), scalar::f32_to_fp8(x), "fp8 {:#x}", x.to_bits());
-            assert_eq!(f32_to_bf16(x), scalar::f32_to_bf16(x), "bf16 {:#x}", x.to_bits());
-            assert_eq!(f32_to_f16(x), scalar::f32_to_f16(x), "f16 {:#x}", x.to_bits());
+            assert_eq!(
+                f32_to_fp8(x),
+                scalar::f32_to_fp8(x),
+                "fp8 {:#x}",
+                x.to_bits()
+            );
+            assert_eq!(
+                f32_to_bf16(x),
+                scalar::f32_to_bf16(x),
+                "bf16 {:#x}",
+                x.to_bits()
+            );
+            assert_eq!(
+                f32_to_f16(x),
+                scalar::f32_to_f16(x),
+                "f16 {:#x}",
+                x.to_bits()
+            );
         }
         for lv in available_levels() {
             for dt in OUT_DTYPES {
@@ -1887,6 +2309,47 @@ mod tests {
         check_encoders(&edge_f32());
     }
 
+    /// Quotients near FP8 rounding midpoints (where a multiply by 1/scale would differ).
+    #[test]
+    fn quantize_near_midpoints() {
+        let mut rng = Rng(29);
+        let mids: Vec<f64> = (0..0x7eu8)
+            .map(|c| (scalar::fp8_to_f32(c) as f64 + scalar::fp8_to_f32(c + 1) as f64) / 2.0)
+            .chain([464.0, 472.0, 3.0 * 2f64.powi(-10), 2f64.powi(-6)])
+            .collect();
+        let mut differ = 0;
+        for _ in 0..300 {
+            let scale = f32::from_bits(rng.u32() % 0x4000_0000 + 0x2000_0000).abs();
+            let mut acc = Vec::with_capacity(4096);
+            while acc.len() < 4096 {
+                let m = mids[rng.below(mids.len())];
+                let x = (m * scale as f64) as f32;
+                let k = rng.below(41) as i32 - 20;
+                let x = f32::from_bits((x.to_bits() as i32 + k) as u32);
+                acc.push(if rng.below(2) == 0 { x } else { -x });
+            }
+            // Pin the block scale to `scale` with one element of |x| = 448·scale per block.
+            let cols = 4096;
+            let mut want = vec![0u8; cols];
+            for (w, x) in want.iter_mut().zip(&acc) {
+                *w = scalar::f32_to_fp8(*x / scale);
+            }
+            let r = 1.0 / scale;
+            differ += want
+                .iter()
+                .zip(&acc)
+                .filter(|(w, x)| **w != scalar::f32_to_fp8(**x * r))
+                .count();
+            for lv in available_levels() {
+                let mut got = vec![0u8; cols];
+                quant_mv_probe(lv, &acc, scale, &mut got);
+                same(&got, &want, &format!("scale {scale:e} {lv:?}"));
+            }
+        }
+        // The data does hit quotients where x × (1/scale) rounds differently.
+        assert!(differ > 0);
+    }
+
     #[test]
     fn encoders_random_bits() {
         let mut rng = Rng(1);
@@ -1895,14 +2358,17 @@ mod tests {
 
     #[test]
     fn scalar_matches_nearest_oracle() {
-        let mut fp8: Vec<(f64, u32)> =
-            (0..0x7fu32).map(|c| (scalar::fp8_to_f32(c as u8) as f64, c)).collect();
+        let mut fp8: Vec<(f64, u32)> = (0..0x7fu32)
+            .map(|c| (scalar::fp8_to_f32(c as u8) as f64, c))
+            .collect();
         fp8.push((480.0, 0x7f));
-        let mut bf: Vec<(f64, u32)> =
-            (0..0x7f80u32).map(|c| (scalar::bf16_to_f32(c as u16) as f64, c)).collect();
+        let mut bf: Vec<(f64, u32)> = (0..0x7f80u32)
+            .map(|c| (scalar::bf16_to_f32(c as u16) as f64, c))
+            .collect();
         bf.push((2f64.powi(128), 0x7f80));
-        let mut hf: Vec<(f64, u32)> =
-            (0..0x7c00u32).map(|c| (scalar::f16_to_f32(c as u16) as f64, c)).collect();
+        let mut hf: Vec<(f64, u32)> = (0..0x7c00u32)
+            .map(|c| (scalar::f16_to_f32(c as u16) as f64, c))
+            .collect();
         hf.push((65536.0, 0x7c00));
         let mut rng = Rng(7);
         let mut xs = edge_f32();
@@ -1914,18 +2380,31 @@ mod tests {
             let s8 = if x.is_sign_negative() { 0x80 } else { 0 };
             let s16 = if x.is_sign_negative() { 0x8000 } else { 0 };
             if a < 480.0 {
-                assert_eq!(scalar::f32_to_fp8(x) as u32, s8 | nearest(&fp8, a), "fp8 {x:e}");
+                assert_eq!(
+                    scalar::f32_to_fp8(x) as u32,
+                    s8 | nearest(&fp8, a),
+                    "fp8 {x:e}"
+                );
             }
-            assert_eq!(scalar::f32_to_bf16(x) as u32, s16 | nearest(&bf, a), "bf16 {x:e}");
+            assert_eq!(
+                scalar::f32_to_bf16(x) as u32,
+                s16 | nearest(&bf, a),
+                "bf16 {x:e}"
+            );
             if a < 65536.0 {
-                assert_eq!(scalar::f32_to_f16(x) as u32, s16 | nearest(&hf, a), "f16 {x:e}");
+                assert_eq!(
+                    scalar::f32_to_f16(x) as u32,
+                    s16 | nearest(&hf, a),
+                    "f16 {x:e}"
+                );
             } else {
                 assert_eq!(scalar::f32_to_f16(x), s16 as u16 | 0x7c00);
             }
         }
     }
 
-    /// Every f32 bit pattern through the fast and scalar encoders (slow: `--ignored`).
+    /// Every f32 bit pattern through the fast encoders at every level against the scalar
+    /// reference (about a minute in release: run with `--ignored`).
     #[test]
     #[ignore]
     fn encoders_all_f32() {
@@ -1934,22 +2413,28 @@ mod tests {
                 s.spawn(move || {
                     let lo = t << 30;
                     let mut buf = vec![0f32; 1 << 16];
-                    let mut out8 = vec![0u8; 1 << 16];
-                    let mut sc = vec![0f32; 1];
-                    let mut out16 = vec![0u8; 2 << 16];
-                    let mut fast16 = vec![0u8; 2 << 16];
+                    let mut want8 = vec![0u8; 1 << 16];
+                    let mut got8 = vec![0u8; 1 << 16];
+                    let mut want16 = vec![0u8; 2 << 16];
+                    let mut got16 = vec![0u8; 2 << 16];
                     for base in (lo..lo + (1 << 30)).step_by(1 << 16) {
                         for (i, v) in buf.iter_mut().enumerate() {
                             *v = f32::from_bits((base + i as u64) as u32);
                         }
-                        for x in &buf {
-                            assert_eq!(f32_to_fp8(*x), scalar::f32_to_fp8(*x), "{:#x}", x.to_bits());
+                        for (w, x) in want8.iter_mut().zip(&buf) {
+                            *w = scalar::f32_to_fp8(*x);
                         }
-                        let _ = (&mut out8, &mut sc);
+                        for lv in available_levels() {
+                            // x / 1.0 == x (NaNs only get quieted, which FP8 ignores).
+                            quant_mv_probe(lv, &buf, 1.0, &mut got8);
+                            assert_eq!(got8, want8, "fp8 at {base:#x} {lv:?}");
+                        }
                         for dt in [DType::BF16, DType::F16] {
-                            scalar::encode(dt, &buf, &mut out16);
-                            encode(dt, &buf, &mut fast16);
-                            assert_eq!(out16, fast16, "{dt} at {base:#x}");
+                            scalar::encode(dt, &buf, &mut want16);
+                            for lv in available_levels() {
+                                encode_at(lv, dt, &buf, &mut got16);
+                                assert_eq!(got16, want16, "{dt} at {base:#x} {lv:?}");
+                            }
                         }
                     }
                 });
@@ -1998,7 +2483,11 @@ mod tests {
                     for lv in available_levels() {
                         let mut got = vec![0f32; n];
                         decode_at(lv, dt, src_u, &mut got);
-                        same(&bits(&got), &bits(&want), &format!("decode {dt} n={n} {lv:?}"));
+                        same(
+                            &bits(&got),
+                            &bits(&want),
+                            &format!("decode {dt} n={n} {lv:?}"),
+                        );
                     }
                 }
             }
@@ -2020,7 +2509,11 @@ mod tests {
                     for lv in available_levels() {
                         let mut got = ys.clone();
                         scale_add_at(lv, &mut got, w, &xs, first);
-                        same(&bits(&got), &bits(&want), &format!("scale_add n={n} {lv:?}"));
+                        same(
+                            &bits(&got),
+                            &bits(&want),
+                            &format!("scale_add n={n} {lv:?}"),
+                        );
                     }
                 }
             }
@@ -2089,7 +2582,11 @@ mod tests {
                             );
                             k += m;
                         }
-                        assert_eq!(s.sum().to_bits(), want.to_bits(), "chunked {da}/{db} n={n} {lv:?}");
+                        assert_eq!(
+                            s.sum().to_bits(),
+                            want.to_bits(),
+                            "chunked {da}/{db} n={n} {lv:?}"
+                        );
                     }
                     // The fused path equals the unfused composition of the public fast paths.
                     let (mut x, mut y) = (vec![0f32; n], vec![0f32; n]);
@@ -2120,7 +2617,11 @@ mod tests {
                     for lv in available_levels() {
                         let mut got = init.clone();
                         accumulate_at(lv, dt, &u[off..], None, w, &mut got, first);
-                        same(&bits(&got), &bits(&want), &format!("{dt} n={n} first={first} {lv:?}"));
+                        same(
+                            &bits(&got),
+                            &bits(&want),
+                            &format!("{dt} n={n} first={first} {lv:?}"),
+                        );
                     }
                     // Unfused composition of the public fast paths.
                     let mut d = vec![0f32; n];
@@ -2186,17 +2687,40 @@ mod tests {
             for lv in available_levels() {
                 let mut got = vec![0f32; n];
                 dequant_fp8_at(lv, &codes, cols, &scales, &mut got);
-                same(&bits(&got), &bits(&want), &format!("dequant {rows}x{cols} {lv:?}"));
+                same(
+                    &bits(&got),
+                    &bits(&want),
+                    &format!("dequant {rows}x{cols} {lv:?}"),
+                );
             }
             // accumulate with scales
             let init: Vec<f32> = (0..n).map(|_| rng.value(1.0)).collect();
             for first in [true, false] {
                 let mut want = init.clone();
-                scalar::accumulate(DType::F8E4M3, &codes, Some((&scales, cols)), 0.7, &mut want, first);
+                scalar::accumulate(
+                    DType::F8E4M3,
+                    &codes,
+                    Some((&scales, cols)),
+                    0.7,
+                    &mut want,
+                    first,
+                );
                 for lv in available_levels() {
                     let mut got = init.clone();
-                    accumulate_at(lv, DType::F8E4M3, &codes, Some((&scales, cols)), 0.7, &mut got, first);
-                    same(&bits(&got), &bits(&want), &format!("accumulate {rows}x{cols} {lv:?}"));
+                    accumulate_at(
+                        lv,
+                        DType::F8E4M3,
+                        &codes,
+                        Some((&scales, cols)),
+                        0.7,
+                        &mut got,
+                        first,
+                    );
+                    same(
+                        &bits(&got),
+                        &bits(&want),
+                        &format!("accumulate {rows}x{cols} {lv:?}"),
+                    );
                 }
                 let mut d = vec![0f32; n];
                 dequant_fp8(&codes, cols, &scales, &mut d);
@@ -2214,7 +2738,11 @@ mod tests {
                     let mut gs = vec![0f32; nb];
                     quantize_fp8_at(lv, &acc, cols, &mut gc, &mut gs);
                     same(&gc, &wc, &format!("quantize codes {rows}x{cols} {lv:?}"));
-                    same(&bits(&gs), &bits(&ws), &format!("quantize scales {rows}x{cols} {lv:?}"));
+                    same(
+                        &bits(&gs),
+                        &bits(&ws),
+                        &format!("quantize scales {rows}x{cols} {lv:?}"),
+                    );
                 }
             }
         }
@@ -2264,7 +2792,10 @@ mod tests {
             same(&bits(&gs), &bits(&scales), &format!("{lv:?}"));
         }
         // amax == 448 → scale 1 → FP8 values re-encode to themselves.
-        let vals: Vec<f32> = (0..=255u8).map(fp8_to_f32).filter(|x| !x.is_nan()).collect();
+        let vals: Vec<f32> = (0..=255u8)
+            .map(fp8_to_f32)
+            .filter(|x| !x.is_nan())
+            .collect();
         let mut c = vec![0u8; vals.len()];
         let mut s = [0f32; 2];
         quantize_fp8(&vals, vals.len(), &mut c, &mut s);
@@ -2287,10 +2818,14 @@ mod tests {
             let n = rows * cols;
             for k in 1..=3usize {
                 // Inputs of random dtypes.
-                let mut owned: Vec<(DType, Vec<u8>, Option<Vec<f32>>, f32)> = Vec::new();
+                let mut owned: Vec<OwnedInput> = Vec::new();
                 for _ in 0..k {
                     let dt = DTYPES[rng.below(4)];
-                    let w = if rng.below(5) == 0 { 1.0 } else { rng.value(1.5) };
+                    let w = if rng.below(5) == 0 {
+                        1.0
+                    } else {
+                        rng.value(1.5)
+                    };
                     if dt == DType::F8E4M3 && rng.below(4) != 0 {
                         let (c, s) = fp8_band(&mut rng, rows, cols);
                         owned.push((dt, c, Some(s), w));
@@ -2301,7 +2836,12 @@ mod tests {
                 }
                 let inputs: Vec<MixInput> = owned
                     .iter()
-                    .map(|(dt, b, s, w)| MixInput { dtype: *dt, bytes: b, scales: s.as_deref(), weight: *w })
+                    .map(|(dt, b, s, w)| MixInput {
+                        dtype: *dt,
+                        bytes: b,
+                        scales: s.as_deref(),
+                        weight: *w,
+                    })
                     .collect();
                 for out_dt in [DType::BF16, DType::F16, DType::F32, DType::F8E4M3] {
                     let size = out_dt.size();
@@ -2309,20 +2849,48 @@ mod tests {
                     let fp8 = out_dt == DType::F8E4M3;
                     let mut want = vec![0u8; n * size];
                     let mut want_s = vec![0f32; nb];
-                    scalar::mix(&inputs, cols, out_dt, &mut want, fp8.then_some(&mut want_s[..]));
+                    scalar::mix(
+                        &inputs,
+                        cols,
+                        out_dt,
+                        &mut want,
+                        fp8.then_some(&mut want_s[..]),
+                    );
                     for lv in available_levels() {
                         let mut got = vec![0u8; n * size + 1];
                         let mut got_s = vec![0f32; nb];
-                        mix_at(lv, &inputs, cols, out_dt, &mut got[1..], fp8.then_some(&mut got_s[..]));
-                        same(&got[1..], &want[..], &format!("mix {rows}x{cols} k={k} -> {out_dt} {lv:?}"));
+                        mix_at(
+                            lv,
+                            &inputs,
+                            cols,
+                            out_dt,
+                            &mut got[1..],
+                            fp8.then_some(&mut got_s[..]),
+                        );
+                        same(
+                            &got[1..],
+                            &want[..],
+                            &format!("mix {rows}x{cols} k={k} -> {out_dt} {lv:?}"),
+                        );
                         if fp8 {
-                            same(&bits(&got_s), &bits(&want_s), &format!("mix scales {rows}x{cols} {lv:?}"));
+                            same(
+                                &bits(&got_s),
+                                &bits(&want_s),
+                                &format!("mix scales {rows}x{cols} {lv:?}"),
+                            );
                         }
                     }
                     // Composition of the unfused public fast paths.
                     let mut acc = vec![0f32; n];
                     for (i, p) in inputs.iter().enumerate() {
-                        accumulate(p.dtype, p.bytes, p.scales.map(|s| (s, cols)), p.weight, &mut acc, i == 0);
+                        accumulate(
+                            p.dtype,
+                            p.bytes,
+                            p.scales.map(|s| (s, cols)),
+                            p.weight,
+                            &mut acc,
+                            i == 0,
+                        );
                     }
                     let mut comp = vec![0u8; n * size];
                     let mut comp_s = vec![0f32; nb];
@@ -2332,7 +2900,57 @@ mod tests {
                     } else {
                         encode(out_dt, &acc, &mut comp);
                     }
-                    same(&comp, &want, &format!("composition {rows}x{cols} -> {out_dt}"));
+                    same(
+                        &comp,
+                        &want,
+                        &format!("composition {rows}x{cols} -> {out_dt}"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// `mix` with FP8 parents (with scales, some NaN/inf/0/huge) → FP8 child.
+    #[test]
+    fn mix_all_fp8() {
+        let mut rng = Rng(31);
+        let mut shapes = SHAPES.to_vec();
+        shapes.push((300, 2100));
+        for &(rows, cols) in &shapes {
+            for k in 1..=3usize {
+                let owned: Vec<(Vec<u8>, Vec<f32>, f32)> = (0..k)
+                    .map(|_| {
+                        let (c, mut s) = fp8_band(&mut rng, rows, cols);
+                        if rng.below(4) == 0 {
+                            let i = rng.below(s.len());
+                            s[i] = [f32::NAN, f32::INFINITY, 0.0, 2f32.powi(121)][rng.below(4)];
+                        }
+                        (c, s, rng.value(1.5))
+                    })
+                    .collect();
+                let inputs: Vec<MixInput> = owned
+                    .iter()
+                    .map(|(c, s, w)| MixInput {
+                        dtype: DType::F8E4M3,
+                        bytes: c,
+                        scales: Some(s),
+                        weight: *w,
+                    })
+                    .collect();
+                let nb = rows.div_ceil(128) * cols.div_ceil(128);
+                let mut want = vec![0u8; rows * cols];
+                let mut want_s = vec![0f32; nb];
+                scalar::mix(&inputs, cols, DType::F8E4M3, &mut want, Some(&mut want_s));
+                for lv in available_levels() {
+                    let mut got = vec![0u8; rows * cols];
+                    let mut got_s = vec![0f32; nb];
+                    mix_at(lv, &inputs, cols, DType::F8E4M3, &mut got, Some(&mut got_s));
+                    same(&got, &want, &format!("{rows}x{cols} k={k} {lv:?}"));
+                    same(
+                        &bits(&got_s),
+                        &bits(&want_s),
+                        &format!("scales {rows}x{cols} k={k} {lv:?}"),
+                    );
                 }
             }
         }
@@ -2344,13 +2962,96 @@ mod tests {
         let a = [0x80u8, 0x3f]; // 1.0
         let b = [0x00u8, 0x40]; // 2.0
         let inputs = [
-            MixInput { dtype: DType::BF16, bytes: &a, scales: None, weight: 0.4 },
-            MixInput { dtype: DType::BF16, bytes: &b, scales: None, weight: 0.6 },
+            MixInput {
+                dtype: DType::BF16,
+                bytes: &a,
+                scales: None,
+                weight: 0.4,
+            },
+            MixInput {
+                dtype: DType::BF16,
+                bytes: &b,
+                scales: None,
+                weight: 0.6,
+            },
         ];
         let mut out = [0u8; 2];
         mix(&inputs, 1, DType::BF16, &mut out, None);
         let v = 0.4f32 * 1.0 + 0.6f32 * 2.0;
         assert_eq!(u16::from_le_bytes(out), scalar::f32_to_bf16(v));
+    }
+
+    /// Every FP8 code times awkward scales (the x86 paths decode through the F16 converter
+    /// with 256·s, and fall back when 256·s overflows).
+    #[test]
+    fn fp8_dequant_all_codes_all_scales() {
+        let mut codes = Vec::new();
+        for _ in 0..3 {
+            codes.extend(0..=255u8); // 768 codes = 6 column blocks of one row
+        }
+        let scales_list: Vec<f32> = [
+            1.0,
+            -1.0,
+            0.0,
+            -0.0,
+            1e-3,
+            3.0e-4,
+            f32::MIN_POSITIVE,
+            1e-40,
+            1e-45,
+            2f32.powi(119),
+            2f32.powi(120),
+            2f32.powi(121),
+            f32::MAX,
+            -f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0xffc0_0123),
+            f32::from_bits(0x7f80_0001),
+            1.7e38,
+            0.5,
+            448.0,
+        ]
+        .to_vec();
+        for sc in scales_list.chunks(6) {
+            let mut sc = sc.to_vec();
+            sc.resize(6, 0.25);
+            let mut want = vec![0f32; codes.len()];
+            scalar::dequant_fp8(&codes, codes.len(), &sc, &mut want);
+            for lv in available_levels() {
+                let mut got = vec![0f32; codes.len()];
+                dequant_fp8_at(lv, &codes, codes.len(), &sc, &mut got);
+                same(&bits(&got), &bits(&want), &format!("{sc:?} {lv:?}"));
+                for w in [0.3f32, -1.0] {
+                    let init: Vec<f32> = (0..codes.len()).map(|i| i as f32 * 0.01).collect();
+                    let mut acc_want = init.clone();
+                    scalar::accumulate(
+                        DType::F8E4M3,
+                        &codes,
+                        Some((&sc, codes.len())),
+                        w,
+                        &mut acc_want,
+                        false,
+                    );
+                    let mut acc = init.clone();
+                    accumulate_at(
+                        lv,
+                        DType::F8E4M3,
+                        &codes,
+                        Some((&sc, codes.len())),
+                        w,
+                        &mut acc,
+                        false,
+                    );
+                    same(
+                        &bits(&acc),
+                        &bits(&acc_want),
+                        &format!("accumulate {sc:?} {lv:?}"),
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -2361,8 +3062,18 @@ mod tests {
         for lv in available_levels() {
             for (x, y, want) in [(&a, &b, 0xffc0u16), (&b, &a, 0x7fc0)] {
                 let inputs = [
-                    MixInput { dtype: DType::F32, bytes: x, scales: None, weight: 0.5 },
-                    MixInput { dtype: DType::F32, bytes: y, scales: None, weight: 0.5 },
+                    MixInput {
+                        dtype: DType::F32,
+                        bytes: x,
+                        scales: None,
+                        weight: 0.5,
+                    },
+                    MixInput {
+                        dtype: DType::F32,
+                        bytes: y,
+                        scales: None,
+                        weight: 0.5,
+                    },
                 ];
                 let mut out = [0u8; 2];
                 mix_at(lv, &inputs, 1, DType::BF16, &mut out, None);
@@ -2374,7 +3085,13 @@ mod tests {
             }
             // NaN code × NaN scale keeps the code's NaN.
             let mut out = [0f32; 2];
-            dequant_fp8_at(lv, &[0xff, 0x38], 2, &[f32::from_bits(0x7fc0_0123)], &mut out);
+            dequant_fp8_at(
+                lv,
+                &[0xff, 0x38],
+                2,
+                &[f32::from_bits(0x7fc0_0123)],
+                &mut out,
+            );
             assert_eq!(out[0].to_bits(), 0xffc0_0000, "{lv:?}");
             assert_eq!(out[1].to_bits(), 0x7fc0_0123, "{lv:?}");
         }

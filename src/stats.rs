@@ -32,27 +32,28 @@ pub fn normalized_diff(models: &Models, i: usize, name: &str, metric: Metric) ->
     let numel = a.info.numel();
     let (rows, cols) = a.info.rows_cols();
     let band = if a.info.shape.len() >= 2 { STAT_ROWS * cols } else { numel.max(1) };
-    let mut sum = 0.0f64;
+    // One accumulator over the whole tensor: the sum does not depend on how it is cut.
+    let mut acc = kernels::SqDiffAcc::new();
     let (mut fa, mut fb, mut sa, mut sb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut e0 = 0;
     while e0 < numel {
         let e1 = (e0 + band).min(numel);
         let (ba, bb) = (a.elements(e0, e1)?, b.elements(e0, e1)?);
-        sum += match metric {
-            Metric::Stored => kernels::sum_sq_diff_bytes(a.info.dtype, ba, b.info.dtype, bb),
+        match metric {
+            Metric::Stored => acc.add_bytes(a.info.dtype, ba, b.info.dtype, bb),
             Metric::Dequantized => {
                 let r0 = e0 / cols.max(1);
                 let r1 = (e1 / cols.max(1)).min(rows);
                 dequantize(&a, ba, r0, r1, cols, &mut sa, &mut fa)?;
                 dequantize(&b, bb, r0, r1, cols, &mut sb, &mut fb)?;
-                kernels::sum_sq_diff(&fa, &fb)
+                acc.add(&fa, &fb);
             }
-        };
+        }
         a.release(e0, e1);
         b.release(e0, e1);
         e0 = e1;
     }
-    Ok(sum.sqrt() / (numel as f64).sqrt())
+    Ok(acc.sum().sqrt() / (numel as f64).sqrt())
 }
 
 /// Values of rows `[r0, r1)` as f32, FP8 times its block scales.
@@ -119,7 +120,8 @@ impl StatsStore {
                 let mut p = PairStats::default();
                 if let (Some(dir), true) = (cache_dir, i > 0) {
                     use sha2::{Digest, Sha256};
-                    let h = Sha256::digest(format!("{base_id}\0{}", m.identity()).as_bytes());
+                    // The version salt retires statistics computed with another summation order.
+                    let h = Sha256::digest(format!("aoe-stats-v2\0{base_id}\0{}", m.identity()).as_bytes());
                     let hex: String = h.iter().take(12).map(|b| format!("{b:02x}")).collect();
                     let file = dir.join(format!("stats-{hex}.json"));
                     p.values = load(&file).unwrap_or_default();

@@ -307,42 +307,65 @@ impl Child {
         let (r0, r1) = (e0 / cols, e1.div_ceil(cols));
         let base = models.source(0, &unit.weight)?;
         let out_dtype = base.info.dtype;
-        SCRATCH.with(|s| {
-            let (acc, scales, _) = &mut *s.borrow_mut();
-            acc.clear();
-            acc.resize(n, 0.0);
-            for (i, &wi) in w.iter().enumerate() {
-                let src = models.source(i, &unit.weight)?;
-                let bytes = src.elements(e0, e1)?;
-                if src.info.dtype == DType::F8E4M3 && src.scale.is_some() {
-                    src.scale_rows(r0 / FP8_BLOCK, r1.div_ceil(FP8_BLOCK), scales)?;
-                    kernels::accumulate(src.info.dtype, bytes, Some((scales, cols)), wi, acc, i == 0);
-                } else {
-                    kernels::accumulate(src.info.dtype, bytes, None, wi, acc, i == 0);
-                }
-                src.release(e0, e1);
+        // Each model's bytes and block scales for the band.
+        let mut srcs = Vec::with_capacity(w.len());
+        for i in 0..w.len() {
+            srcs.push(models.source(i, &unit.weight)?);
+        }
+        let mut scale_rows: Vec<Vec<f32>> = Vec::with_capacity(w.len());
+        let mut bytes = Vec::with_capacity(w.len());
+        for src in &srcs {
+            let mut sc = Vec::new();
+            if src.info.dtype == DType::F8E4M3 && src.scale.is_some() {
+                src.scale_rows(r0 / FP8_BLOCK, r1.div_ceil(FP8_BLOCK), &mut sc)?;
             }
-            let mut data = self.engine.cache.take_buffer(n * out_dtype.size());
-            data.resize(n * out_dtype.size(), 0);
-            let mut scale_bytes = Vec::new();
-            match (out_dtype, base.scale.is_some()) {
-                (DType::F8E4M3, true) => {
-                    let nb = (r1 - r0).div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK);
-                    scales.clear();
-                    scales.resize(nb, 0.0);
-                    kernels::quantize_fp8(acc, cols, &mut data, scales);
-                    scale_bytes = self.engine.cache.take_buffer(nb * 4);
-                    scale_bytes.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
-                }
-                (DType::F8E4M3, false) => {
+            scale_rows.push(sc);
+            bytes.push(src.elements(e0, e1)?);
+        }
+        let inputs: Vec<kernels::MixInput<'_>> = srcs
+            .iter()
+            .zip(&bytes)
+            .zip(&scale_rows)
+            .zip(w)
+            .map(|(((src, b), sc), &weight)| kernels::MixInput {
+                dtype: src.info.dtype,
+                bytes: b,
+                scales: (src.info.dtype == DType::F8E4M3 && src.scale.is_some()).then_some(sc.as_slice()),
+                weight,
+            })
+            .collect();
+        let mut data = self.engine.cache.take_buffer(n * out_dtype.size());
+        data.resize(n * out_dtype.size(), 0);
+        let mut scale_bytes = Vec::new();
+        match (out_dtype, base.scale.is_some()) {
+            (DType::F8E4M3, true) => {
+                let nb = (r1 - r0).div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK);
+                let mut scales = vec![0f32; nb];
+                kernels::mix(&inputs, cols, out_dtype, &mut data, Some(&mut scales));
+                scale_bytes = self.engine.cache.take_buffer(nb * 4);
+                scale_bytes.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
+            }
+            (DType::F8E4M3, false) => {
+                // An FP8 weight without block scales: the plain cast, scale 1.
+                SCRATCH.with(|s| {
+                    let (acc, _, _) = &mut *s.borrow_mut();
+                    acc.clear();
+                    acc.resize(n, 0.0);
+                    for (i, inp) in inputs.iter().enumerate() {
+                        let sc = inp.scales.map(|s| (s, cols));
+                        kernels::accumulate(inp.dtype, inp.bytes, sc, inp.weight, acc, i == 0);
+                    }
                     for (d, &x) in data.iter_mut().zip(acc.iter()) {
                         *d = kernels::f32_to_fp8(x);
                     }
-                }
-                (dt, _) => kernels::encode(dt, acc, &mut data),
+                });
             }
-            Ok(Chunk { data, scales: scale_bytes })
-        })
+            (dt, _) => kernels::mix(&inputs, cols, dt, &mut data, None),
+        }
+        for src in &srcs {
+            src.release(e0, e1);
+        }
+        Ok(Chunk { data, scales: scale_bytes })
     }
 }
 
