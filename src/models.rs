@@ -101,6 +101,34 @@ impl TensorSource<'_> {
         self.shard.range(self.info.start + start, len, &self.info.name)
     }
 
+    /// Reads the stored bytes of elements `[e0, e1)` into `buf` with pread and returns them.
+    /// No mapping is touched, so reading the parents costs no RSS and no TLB shootdowns, and a
+    /// file that shrank gives an error instead of SIGBUS. `buf` keeps its capacity for reuse.
+    pub fn read_elements<'b>(&self, e0: usize, e1: usize, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
+        use std::os::unix::fs::FileExt;
+        let sz = self.info.dtype.size() as u64;
+        let (start, len) = ((e0 as u64) * sz, ((e1.saturating_sub(e0)) as u64) * sz);
+        if e1 < e0 || start + len > self.info.len {
+            return Err(Error::BadTensor {
+                path: self.shard.path.clone(),
+                tensor: self.info.name.clone(),
+                reason: format!("element range {e0}..{e1} out of bounds"),
+            });
+        }
+        let n = len as usize;
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        let out = &mut buf[..n];
+        self.shard.file.read_exact_at(out, self.info.start + start).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::ParentChanged { path: self.shard.path.clone(), tensor: self.info.name.clone() }
+            }
+            _ => Error::io(&self.shard.path, e),
+        })?;
+        Ok(out)
+    }
+
     /// Drops the mapping's pages of elements `[e0, e1)` from this process (they stay in the
     /// page cache): keeps RSS bounded however much of the parents is read.
     pub fn release(&self, e0: usize, e1: usize) {
@@ -122,7 +150,14 @@ impl TensorSource<'_> {
                 reason: format!("block rows {b0}..{b1} out of bounds"),
             });
         }
-        let bytes = ss.range(si.start + start, len, &si.name)?;
+        // pread, not the mapping: touching the map would fault in (and keep) 64 KiB around
+        // every scale row, which adds up to hundreds of MiB of RSS over a model.
+        let mut bytes = vec![0u8; len as usize];
+        use std::os::unix::fs::FileExt;
+        ss.file.read_exact_at(&mut bytes, si.start + start).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => Error::ParentChanged { path: ss.path.clone(), tensor: si.name.clone() },
+            _ => Error::io(&ss.path, e),
+        })?;
         out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
         Ok(())
     }

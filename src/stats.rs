@@ -35,10 +35,11 @@ pub fn normalized_diff(models: &Models, i: usize, name: &str, metric: Metric) ->
     // One accumulator over the whole tensor: the sum does not depend on how it is cut.
     let mut acc = kernels::SqDiffAcc::new();
     let (mut fa, mut fb, mut sa, mut sb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut bufa, mut bufb) = (Vec::new(), Vec::new());
     let mut e0 = 0;
     while e0 < numel {
         let e1 = (e0 + band).min(numel);
-        let (ba, bb) = (a.elements(e0, e1)?, b.elements(e0, e1)?);
+        let (ba, bb) = (a.read_elements(e0, e1, &mut bufa)?, b.read_elements(e0, e1, &mut bufb)?);
         match metric {
             Metric::Stored => acc.add_bytes(a.info.dtype, ba, b.info.dtype, bb),
             Metric::Dequantized => {
@@ -49,8 +50,6 @@ pub fn normalized_diff(models: &Models, i: usize, name: &str, metric: Metric) ->
                 acc.add(&fa, &fb);
             }
         }
-        a.release(e0, e1);
-        b.release(e0, e1);
         e0 = e1;
     }
     Ok(acc.sum().sqrt() / (numel as f64).sqrt())

@@ -113,6 +113,8 @@ impl Layout {
 
 thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Per-thread read buffers, one per model, reused across chunks.
+    static READ_BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Child {
@@ -302,25 +304,44 @@ impl Child {
         let unit = self.plan.units.get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
         let lay = self.layout(u)?;
         let (e0, e1) = lay.elements(c);
-        let n = e1 - e0;
         let cols = lay.cols.max(1);
         let (r0, r1) = (e0 / cols, e1.div_ceil(cols));
-        let base = models.source(0, &unit.weight)?;
-        let out_dtype = base.info.dtype;
-        // Each model's bytes and block scales for the band.
         let mut srcs = Vec::with_capacity(w.len());
         for i in 0..w.len() {
             srcs.push(models.source(i, &unit.weight)?);
         }
+        let mut bufs = READ_BUFS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        bufs.resize_with(bufs.len().max(w.len()), Vec::new);
+        let result = self.mix_chunk(&srcs, w, e0, e1, r0, r1, cols, &mut bufs);
+        READ_BUFS.with(|b| *b.borrow_mut() = bufs);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mix_chunk(
+        &self,
+        srcs: &[crate::models::TensorSource<'_>],
+        w: &[f32],
+        e0: usize,
+        e1: usize,
+        r0: usize,
+        r1: usize,
+        cols: usize,
+        bufs: &mut [Vec<u8>],
+    ) -> Result<Chunk> {
+        let n = e1 - e0;
+        let base = srcs.first().ok_or_else(|| Error::BadRecipe { reason: "no models".into() })?;
+        let out_dtype = base.info.dtype;
+        // Each model's bytes and block scales for the band.
         let mut scale_rows: Vec<Vec<f32>> = Vec::with_capacity(w.len());
         let mut bytes = Vec::with_capacity(w.len());
-        for src in &srcs {
+        for (src, buf) in srcs.iter().zip(bufs.iter_mut()) {
             let mut sc = Vec::new();
             if src.info.dtype == DType::F8E4M3 && src.scale.is_some() {
                 src.scale_rows(r0 / FP8_BLOCK, r1.div_ceil(FP8_BLOCK), &mut sc)?;
             }
             scale_rows.push(sc);
-            bytes.push(src.elements(e0, e1)?);
+            bytes.push(src.read_elements(e0, e1, buf)?);
         }
         let inputs: Vec<kernels::MixInput<'_>> = srcs
             .iter()
@@ -361,9 +382,6 @@ impl Child {
                 });
             }
             (dt, _) => kernels::mix(&inputs, cols, dt, &mut data, None),
-        }
-        for src in &srcs {
-            src.release(e0, e1);
         }
         Ok(Chunk { data, scales: scale_bytes })
     }
