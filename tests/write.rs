@@ -180,3 +180,17 @@ fn recipe_file_reproduces_the_child_and_holds_no_output_path() {
         assert_eq!(std::fs::read(m[0].join(f)).unwrap(), std::fs::read(a.join(f)).unwrap(), "{f}");
     }
 }
+
+#[test]
+fn unaligned_data_matches_the_reference() {
+    // Headers not padded to 8 bytes: every tensor's data starts at an odd offset.
+    let tmp = tempdir();
+    let mut spec = aoe::fixture::FamilySpec::tiny(FixtureDType::Fp8);
+    spec.siblings = 2;
+    spec.seed = 18;
+    spec.align_header = false;
+    let m = aoe::fixture::write_family(&spec, tmp.path()).unwrap();
+    let first = aoe::checkpoint::Checkpoint::open(&m[0]).unwrap();
+    assert!(first.shards.iter().all(|s| s.header_len % 8 != 0), "fixture should be unaligned");
+    write_and_compare(tmp.path(), "unaligned", &["--base", s(&m[0]), "--parent", s(&m[1]), "--lambda", "0.6"]);
+}
