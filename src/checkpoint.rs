@@ -88,22 +88,6 @@ impl Shard {
         }
         self.map.get(start as usize..end as usize).ok_or_else(changed)
     }
-
-    /// Drops this process's mapping of the pages touching `[start, start+len)`; the pages stay
-    /// in the page cache and fault back in if anyone reads them again. Keeps RSS bounded.
-    pub fn release(&self, start: u64, len: u64) {
-        const PAGE: u64 = 4096;
-        let lo = (start / PAGE) * PAGE;
-        let hi = start.saturating_add(len).div_ceil(PAGE).saturating_mul(PAGE).min(self.map.len() as u64);
-        if hi <= lo || hi > self.map.len() as u64 {
-            return;
-        }
-        // SAFETY: the range lies inside our read-only shared file mapping; MADV_DONTNEED on it
-        // only drops page-table entries, and later reads fault the same file bytes back in.
-        unsafe {
-            libc::madvise(self.map.as_ptr().add(lo as usize) as *mut libc::c_void, (hi - lo) as usize, libc::MADV_DONTNEED);
-        }
-    }
 }
 
 /// Where a tensor lives: shard index and position in that shard's tensor list.

@@ -87,20 +87,6 @@ pub struct TensorSource<'a> {
 }
 
 impl TensorSource<'_> {
-    /// Stored bytes of elements `[e0, e1)`.
-    pub fn elements(&self, e0: usize, e1: usize) -> Result<&[u8]> {
-        let sz = self.info.dtype.size() as u64;
-        let (start, len) = ((e0 as u64) * sz, ((e1 - e0) as u64) * sz);
-        if start + len > self.info.len {
-            return Err(Error::BadTensor {
-                path: self.shard.path.clone(),
-                tensor: self.info.name.clone(),
-                reason: format!("element range {e0}..{e1} out of bounds"),
-            });
-        }
-        self.shard.range(self.info.start + start, len, &self.info.name)
-    }
-
     /// Reads the stored bytes of elements `[e0, e1)` into `buf` with pread and returns them.
     /// No mapping is touched, so reading the parents costs no RSS and no TLB shootdowns, and a
     /// file that shrank gives an error instead of SIGBUS. `buf` keeps its capacity for reuse.
@@ -127,13 +113,6 @@ impl TensorSource<'_> {
             _ => Error::io(&self.shard.path, e),
         })?;
         Ok(out)
-    }
-
-    /// Drops the mapping's pages of elements `[e0, e1)` from this process (they stay in the
-    /// page cache): keeps RSS bounded however much of the parents is read.
-    pub fn release(&self, e0: usize, e1: usize) {
-        let sz = self.info.dtype.size() as u64;
-        self.shard.release(self.info.start + e0 as u64 * sz, (e1 - e0) as u64 * sz);
     }
 
     /// The f32 block scales of block rows `[b0, b1)`, row-major, into `out`.
