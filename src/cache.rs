@@ -2,7 +2,7 @@
 //! however many readers wait, and an error reaches every waiter. Evicted buffers are pooled.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use lru::LruCache;
@@ -64,6 +64,8 @@ pub struct CacheCounters {
 pub struct ChunkCache {
     inner: Mutex<Inner>,
     budget: usize,
+    /// Upper bound on the pool set by [`ChunkCache::set_pool_limit`] (usize::MAX: none).
+    pool_cap: AtomicUsize,
     /// Counters.
     pub counters: CacheCounters,
 }
@@ -81,8 +83,14 @@ impl ChunkCache {
                 pool_bytes: 0,
             }),
             budget,
+            pool_cap: AtomicUsize::new(usize::MAX),
             counters: CacheCounters::default(),
         }
+    }
+
+    /// Caps the bytes of idle buffers kept for reuse (a mount keeps its RSS near the budget).
+    pub fn set_pool_limit(&self, bytes: usize) {
+        self.pool_cap.store(bytes, Ordering::Relaxed);
     }
 
     /// The byte budget.
@@ -92,7 +100,7 @@ impl ChunkCache {
 
     /// Bytes of idle buffers kept for reuse: fresh memory is slow to touch on these VMs.
     fn pool_limit(&self) -> usize {
-        self.budget / 8 + (64 << 20)
+        (self.budget / 8 + (64 << 20)).min(self.pool_cap.load(Ordering::Relaxed))
     }
 
     /// Bytes held now.

@@ -27,6 +27,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::models::Models;
 use crate::prefetch::{PrefetchConfig, Prefetcher, SeqState};
@@ -214,6 +215,7 @@ pub struct Fs {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     prefetcher: OnceLock<Prefetcher>,
+    startup: String,
 }
 
 /// What an inode number designates.
@@ -232,20 +234,48 @@ fn file_ino(v: usize, i: usize) -> u64 {
     dir_ino(v) | ((i as u64) + 1)
 }
 
-/// Opens the models of `base` and `parents` and wraps them in an engine.
+/// Opens the models of `base` and `parents` and wraps them in an engine. The checkpoints are
+/// opened in parallel (one short-lived thread each, all joined before returning, so that the
+/// caller may still fork).
 pub fn open_engine(base: &Path, parents: &[PathBuf], eng: &EngineOptions) -> Result<Arc<Engine>> {
-    let models = Models::open(base, parents)?;
+    let dirs: Vec<&Path> = std::iter::once(base).chain(parents.iter().map(PathBuf::as_path)).collect();
+    let opened: Vec<Result<Checkpoint>> = std::thread::scope(|s| {
+        let handles: Vec<_> = dirs.iter().map(|d| s.spawn(move || Checkpoint::open(d))).collect();
+        handles
+            .into_iter()
+            .zip(&dirs)
+            .map(|(h, d)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::BadHeader { path: d.to_path_buf(), reason: "checkpoint reader panicked".into() })
+                })
+            })
+            .collect()
+    });
+    // The first failure in recipe order, as opening them one by one would report.
+    let list = opened.into_iter().map(|r| r.map(Arc::new)).collect::<Result<Vec<_>>>()?;
+    let models = Models { list };
     let chunk = eng.chunk_bytes.unwrap_or_else(|| mount_chunk_bytes(eng.cache_bytes));
-    Ok(Arc::new(Engine::new(models, eng.stats_dir.as_deref(), eng.cache_bytes, chunk)))
+    let engine = Engine::new(models, eng.stats_dir.as_deref(), eng.cache_bytes, chunk);
+    // Idle buffers count against memory too: a small pool keeps RSS near the budget while
+    // still reusing buffers (each eviction hands one to the next computation).
+    engine.cache.set_pool_limit((eng.cache_bytes / 8).clamp(2 << 20, 16 << 20));
+    Ok(Arc::new(engine))
 }
 
 impl Fs {
     /// The single layout: the root is the child of `recipe`. Opens and validates the parents
     /// and plans the recipe (so a bad recipe fails here, before anything is mounted).
     pub fn single(recipe: Recipe, eng: &EngineOptions, opts: FsOptions) -> Result<Fs> {
+        let t = Instant::now();
         let engine = open_engine(&recipe.base, &recipe.parents, eng)?;
+        let opened = t.elapsed();
         let child = Arc::new(Child::new(engine.clone(), recipe)?);
-        let fs = Fs::empty(engine, None, opts);
+        let mut fs = Fs::empty(engine, None, opts);
+        fs.startup = format!(
+            "parents opened in {:.0} ms, recipe planned in {:.0} ms",
+            opened.as_secs_f64() * 1e3,
+            (t.elapsed() - opened).as_secs_f64() * 1e3
+        );
         fs.push_variant(String::new(), child);
         Ok(fs)
     }
@@ -253,15 +283,23 @@ impl Fs {
     /// The variants layout: variants are created by looking their names up; `sweep` names
     /// (name → recipe fields) are created now and validated. `template` supplies the base,
     /// the parents and defaults for every variant.
-    pub fn variants(template: RecipeSpec, sweep: Vec<(String, RecipeSpec)>, eng: &EngineOptions, opts: FsOptions) -> Result<Fs> {
+    pub fn variants(
+        template: RecipeSpec,
+        sweep: Vec<(String, RecipeSpec)>,
+        eng: &EngineOptions,
+        opts: FsOptions,
+    ) -> Result<Fs> {
         let bad = |reason: String| Error::BadRecipe { reason };
-        let base = template.base.clone().ok_or_else(|| bad("--variants needs the base model: give --base DIR".into()))?;
+        let base =
+            template.base.clone().ok_or_else(|| bad("--variants needs the base model: give --base DIR".into()))?;
         let parents = template.parents.clone().unwrap_or_default();
         if parents.is_empty() {
             return Err(bad("--variants needs at least one parent besides the base: give --parent DIR".into()));
         }
+        let t = Instant::now();
         let engine = open_engine(&base, &parents, eng)?;
-        let fs = Fs::empty(engine, Some(template), opts);
+        let mut fs = Fs::empty(engine, Some(template), opts);
+        fs.startup = format!("parents opened in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
         for (name, spec) in sweep {
             check_variant_name(&name).map_err(|r| bad(format!("sweep entry {name:?}: {r}")))?;
             fs.check_same_models(&spec).map_err(|r| bad(format!("sweep entry {name:?}: {r}")))?;
@@ -276,13 +314,8 @@ impl Fs {
     }
 
     fn empty(engine: Arc<Engine>, template: Option<RecipeSpec>, opts: FsOptions) -> Fs {
-        let mtime = engine
-            .models
-            .list
-            .iter()
-            .flat_map(|c| c.shards.iter().map(|s| s.mtime))
-            .max()
-            .unwrap_or(UNIX_EPOCH);
+        let mtime =
+            engine.models.list.iter().flat_map(|c| c.shards.iter().map(|s| s.mtime)).max().unwrap_or(UNIX_EPOCH);
         Fs {
             engine,
             template,
@@ -297,7 +330,13 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             prefetcher: OnceLock::new(),
+            startup: String::new(),
         }
+    }
+
+    /// How long opening the parents (and planning) took, for the log.
+    pub fn startup(&self) -> &str {
+        &self.startup
     }
 
     /// The shared engine.
@@ -527,7 +566,11 @@ impl Fs {
             Node::File(..) => return Err(FsError::NotDir),
             Node::Root if self.is_variants() => {
                 let vs = self.variants.read().unwrap_or_else(|e| e.into_inner());
-                out.extend(vs.iter().enumerate().map(|(k, v)| DirEntry { ino: dir_ino(k), kind: Kind::Dir, name: v.name.clone() }));
+                out.extend(vs.iter().enumerate().map(|(k, v)| DirEntry {
+                    ino: dir_ino(k),
+                    kind: Kind::Dir,
+                    name: v.name.clone(),
+                }));
             }
             Node::Root => files_of(0, &mut out)?,
             Node::Dir(v) => files_of(v, &mut out)?,
@@ -762,6 +805,103 @@ pub fn timestamp(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixture::{write_family, FamilySpec, FixtureDType};
+
+    fn tiny_family(dir: &Path) -> Vec<PathBuf> {
+        let mut spec = FamilySpec::tiny(FixtureDType::Fp8);
+        spec.siblings = 2;
+        write_family(&spec, dir).unwrap()
+    }
+
+    fn eng() -> EngineOptions {
+        EngineOptions { cache_bytes: 8 << 20, chunk_bytes: Some(64 << 10), stats_dir: None }
+    }
+
+    fn opts() -> FsOptions {
+        FsOptions::for_current_user(Path::new("/mnt/test"), 8 << 20)
+    }
+
+    #[test]
+    fn single_layout_serves_the_child_without_a_mount() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fam = tiny_family(tmp.path());
+        let spec = RecipeSpec {
+            base: Some(fam[0].clone()),
+            parents: Some(vec![fam[1].clone()]),
+            lambda: Some(0.5),
+            ..Default::default()
+        };
+        let fs = Fs::single(spec.resolve().unwrap(), &eng(), opts()).unwrap();
+        let root = fs.getattr(ROOT).unwrap();
+        assert_eq!((root.kind, root.perm), (Kind::Dir, 0o555));
+        let entries = fs.readdir(ROOT).unwrap();
+        assert_eq!(entries[0].name, ".");
+        assert!(entries.iter().any(|e| e.name == crate::recipe::RECIPE_FILE));
+        let shard = entries.iter().find(|e| e.name.ends_with(".safetensors")).unwrap();
+        let a = fs.lookup(ROOT, OsStr::new(&shard.name)).unwrap();
+        assert_eq!((a.ino, a.kind, a.perm), (shard.ino, Kind::File, 0o444));
+        assert_eq!(fs.getattr(a.ino).unwrap(), a, "attributes are stable");
+        assert_eq!(fs.lookup(ROOT, OsStr::new("nope")), Err(FsError::NotFound));
+        assert_eq!(fs.lookup(a.ino, OsStr::new("x")), Err(FsError::NotDir));
+        assert_eq!(fs.open(a.ino, libc::O_WRONLY), Err(FsError::ReadOnly));
+        assert_eq!(fs.open(a.ino, libc::O_RDONLY | libc::O_TRUNC), Err(FsError::ReadOnly));
+        assert_eq!(fs.open(ROOT, libc::O_RDONLY), Err(FsError::IsDir));
+        let fh = fs.open(a.ino, libc::O_RDONLY | libc::O_DIRECT).unwrap();
+        // Reads in 64 KiB pieces equal one whole read, and the header is the base's.
+        let mut whole = vec![0u8; a.size as usize];
+        assert_eq!(fs.read(a.ino, fh, 0, &mut whole).unwrap(), a.size as usize);
+        let mut pieces = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut off = 0;
+        loop {
+            let n = fs.read(a.ino, fh, off, &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            pieces.extend_from_slice(&buf[..n]);
+            off += n as u64;
+        }
+        assert_eq!(pieces, whole);
+        let base = std::fs::read(fam[0].join(&shard.name)).unwrap();
+        let hl = 8 + u64::from_le_bytes(base[..8].try_into().unwrap()) as usize;
+        assert_eq!(whole[..hl], base[..hl]);
+        fs.release(fh);
+        let st = fs.status_json();
+        assert_eq!(st["layout"], "single");
+        assert!(st["bytes_served"].as_u64().unwrap() >= 2 * a.size);
+        let x: Value = serde_json::from_slice(&fs.getxattr(ROOT, OsStr::new(STATUS_XATTR)).unwrap()).unwrap();
+        assert_eq!(x["bytes_served"], st["bytes_served"]);
+        assert_eq!(fs.getxattr(a.ino, OsStr::new(STATUS_XATTR)), Err(FsError::NoData));
+    }
+
+    #[test]
+    fn variants_layout_creates_on_lookup_and_refuses_bad_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fam = tiny_family(tmp.path());
+        let template =
+            RecipeSpec { base: Some(fam[0].clone()), parents: Some(vec![fam[1].clone()]), ..Default::default() };
+        let sweep = vec![("chimera".to_string(), RecipeSpec::from_variant_name("lambda=1,subset=experts").unwrap())];
+        let fs = Fs::variants(template, sweep, &eng(), opts()).unwrap();
+        let names = |fs: &Fs| fs.readdir(ROOT).unwrap().into_iter().skip(2).map(|e| e.name).collect::<Vec<_>>();
+        assert_eq!(names(&fs), vec!["chimera"]);
+        assert_eq!(fs.lookup(ROOT, OsStr::new("lambda=x")), Err(FsError::NotFound));
+        assert_eq!(fs.lookup(ROOT, OsStr::new("a/b")), Err(FsError::NotFound));
+        let d = fs.lookup(ROOT, OsStr::new("lambda=0.25")).unwrap();
+        assert_eq!(d.kind, Kind::Dir);
+        assert_eq!(fs.lookup(ROOT, OsStr::new("lambda=0.25")).unwrap(), d, "the same name is the same variant");
+        assert_eq!(names(&fs), vec!["chimera", "lambda=0.25"]);
+        let cfg = fs.lookup(d.ino, OsStr::new("config.json")).unwrap();
+        let fh = fs.open(cfg.ino, libc::O_RDONLY).unwrap();
+        let mut buf = vec![0u8; cfg.size as usize + 10];
+        let n = fs.read(cfg.ino, fh, 0, &mut buf).unwrap();
+        assert_eq!(buf[..n], std::fs::read(fam[0].join("config.json")).unwrap()[..]);
+        // An alias shares the child (and so its cached chunks).
+        let alias = fs.lookup(ROOT, OsStr::new("weights=0.75:0.25")).unwrap();
+        assert_ne!(alias.ino, d.ino);
+        let vs = fs.variant_list();
+        assert!(Arc::ptr_eq(&vs[1].child, &vs[2].child));
+        assert_eq!(fs.status_json()["names_refused"], 2);
+    }
 
     #[test]
     fn timestamps_are_civil_dates() {

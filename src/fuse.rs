@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use fuser::{
     AccessFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session,
-    SessionACL, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    Session, SessionACL, WriteFlags,
 };
 use serde_json::Value;
 
@@ -216,7 +216,16 @@ impl Filesystem for AoeFuse {
         reply.error(Errno::EROFS);
     }
 
-    fn rename(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _np: INodeNo, _nn: &OsStr, _f: RenameFlags, reply: ReplyEmpty) {
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -471,10 +480,17 @@ pub fn mount_at(p: &Path) -> Option<MountEntry> {
 /// Checks that `p` can be mounted on: an existing directory that is not a mount point yet.
 /// Returns its canonical path.
 pub fn check_mountpoint(p: &Path) -> Result<PathBuf> {
-    if let Some(m) = mount_at(p) {
-        let dead = std::fs::metadata(p).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN);
+    // Resolve symlinks when the path answers (a dead mount does not: then take it as written).
+    let target = p.canonicalize().unwrap_or_else(|_| mount_path(p));
+    if let Some(m) = mount_at(&target) {
+        // Listing always reaches the daemon (attributes may be cached by the kernel).
+        let dead = std::fs::read_dir(p).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN);
         let msg = if dead {
-            format!("is already mounted ({}) and its daemon is gone; clear it with `aoe-mount --unmount {}`", m.fstype, p.display())
+            format!(
+                "is already mounted ({}) and its daemon is gone; clear it with `aoe-mount --unmount {}`",
+                m.fstype,
+                p.display()
+            )
         } else if m.fstype.starts_with("fuse") && m.source == "aoe" {
             format!("is already an aoe mount; unmount it first (`aoe-mount --unmount {}`)", p.display())
         } else {
@@ -497,7 +513,8 @@ fn cstring(p: &Path) -> Result<CString> {
 }
 
 fn umount2(p: &Path, flags: i32) -> std::io::Result<()> {
-    let c = CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let c =
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: a valid NUL-terminated path and plain flags.
     if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         Ok(())
@@ -509,7 +526,10 @@ fn umount2(p: &Path, flags: i32) -> std::io::Result<()> {
 /// Unmounts the mount at `p`, whether its daemon is alive or dead: a clean unmount, else a
 /// lazy one when it is busy, else (not root) `fusermount3 -u -z`. Returns what was done.
 pub fn unmount(p: &Path) -> Result<String> {
-    let at = mount_path(p);
+    let at = match mount_at(&mount_path(p)) {
+        Some(_) => mount_path(p),
+        None => p.canonicalize().unwrap_or_else(|_| mount_path(p)),
+    };
     let Some(m) = mount_at(&at) else {
         return Err(mnt_error(p, "is not a mount point"));
     };
@@ -517,7 +537,10 @@ pub fn unmount(p: &Path) -> Result<String> {
         Ok(()) => return Ok(format!("unmounted {} ({})", at.display(), m.fstype)),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
             if umount2(&at, libc::MNT_DETACH).is_ok() {
-                return Ok(format!("{} was busy: detached (it goes away when the last open file is closed)", at.display()));
+                return Ok(format!(
+                    "{} was busy: detached (it goes away when the last open file is closed)",
+                    at.display()
+                ));
             }
         }
         Err(_) => {}
@@ -548,11 +571,10 @@ pub fn set_read_ahead(p: &Path, kb: u32) -> Result<PathBuf> {
     Ok(knob)
 }
 
-/// Aborts the FUSE connection of the mount at `p` (its pending and future requests fail).
-fn abort_connection(p: &Path) -> Result<()> {
-    let m = mount_at(p).ok_or_else(|| mnt_error(p, "is not a mount point"))?;
-    let dev = (m.major << 20) | m.minor;
-    let knob = PathBuf::from(format!("/sys/fs/fuse/connections/{dev}/abort"));
+/// Aborts a FUSE connection (its pending and future requests fail), given the mount's device.
+fn abort_connection(dev: Option<(u32, u32)>) -> Result<()> {
+    let (major, minor) = dev.ok_or_else(|| mnt_error(Path::new("/sys/fs/fuse/connections"), "unknown connection"))?;
+    let knob = PathBuf::from(format!("/sys/fs/fuse/connections/{}/abort", (major << 20) | minor));
     std::fs::write(&knob, "1").map_err(|e| Error::io(&knob, e))
 }
 
@@ -677,14 +699,17 @@ fn serve_inner(fs: Fs, cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
         vs => format!("variants root ({} variants so far)", vs.len()),
     };
     ready.send(Ok(format!(
-        "mounted {what} at {} in {:.0} ms ({} read threads, cache {} MiB{ra})",
+        "mounted {what} at {} in {:.0} ms ({}; {} read threads, cache {} MiB{ra})",
         mnt.display(),
         t.elapsed().as_secs_f64() * 1e3,
+        fs.startup(),
         cfg.threads,
         fs.engine().cache.budget() >> 20
     )));
 
     let sig_mnt = mnt.clone();
+    // The connection's device, found now: after a lazy unmount the mount table no longer has it.
+    let dev = mount_at(mnt).map(|m| (m.major, m.minor));
     std::thread::Builder::new()
         .name("aoe-signals".into())
         .spawn(move || {
@@ -710,7 +735,7 @@ fn serve_inner(fs: Fs, cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
                             log(&format!("cannot unmount: {e}"));
                         }
                     }
-                } else if let Err(e) = abort_connection(&sig_mnt) {
+                } else if let Err(e) = abort_connection(dev) {
                     log(&format!("{name} again: cannot abort the connection ({e}); exiting"));
                     std::process::exit(0);
                 } else {
@@ -743,7 +768,8 @@ pub fn spawn_daemon(fs: Fs, cfg: &MountConfig, log_file: &Path) -> Result<u32> {
     if let Some(dir) = log_file.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_file).map_err(|e| Error::io(log_file, e))?;
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(log_file).map_err(|e| Error::io(log_file, e))?;
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 fills two fds we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -782,8 +808,9 @@ pub fn spawn_daemon(fs: Fs, cfg: &MountConfig, log_file: &Path) -> Result<u32> {
     }
     drop(wr);
     drop(log);
-    // The daemon has its own copy of everything; drop ours without waiting.
-    drop(fs);
+    // The daemon has its own copy of everything. Ours is never used again: the process exits
+    // right after, so skip freeing it (that alone takes ~0.1 s for a DeepSeek-sized model).
+    std::mem::forget(fs);
     let mut msg = String::new();
     let _ = rd.read_to_string(&mut msg);
     if msg.starts_with("OK") {
@@ -795,9 +822,10 @@ pub fn spawn_daemon(fs: Fs, cfg: &MountConfig, log_file: &Path) -> Result<u32> {
         let mut st = 0;
         libc::waitpid(pid, &mut st, 0);
     }
-    let e = msg.strip_prefix("ERR ").map(|m| m.trim_end().to_string()).unwrap_or_else(|| {
-        format!("the mount daemon exited before mounting; see {}", log_file.display())
-    });
+    let e = msg
+        .strip_prefix("ERR ")
+        .map(|m| m.trim_end().to_string())
+        .unwrap_or_else(|| format!("the mount daemon exited before mounting; see {}", log_file.display()));
     Err(Error::BadOutput { path: cfg.mountpoint.clone(), reason: e })
 }
 
@@ -816,7 +844,10 @@ pub fn status_json(mountpoint: &Path) -> Result<Value> {
         let msg = match e.raw_os_error() {
             Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => "is not an aoe mount".to_string(),
             Some(libc::ENOTCONN) => {
-                format!("is an aoe mount whose daemon is gone; clear it with `aoe-mount --unmount {}`", mountpoint.display())
+                format!(
+                    "is an aoe mount whose daemon is gone; clear it with `aoe-mount --unmount {}`",
+                    mountpoint.display()
+                )
             }
             _ => e.to_string(),
         };
@@ -853,7 +884,13 @@ fn describe_recipe(r: &Value) -> String {
     if let Some(rules) = r.get("rules").and_then(Value::as_array).filter(|a| !a.is_empty()) {
         let rs: Vec<String> = rules
             .iter()
-            .map(|x| format!("{}={}", x.get("pattern").and_then(Value::as_str).unwrap_or("?"), x.get("weights").map_or(String::new(), |w| w.to_string())))
+            .map(|x| {
+                format!(
+                    "{}={}",
+                    x.get("pattern").and_then(Value::as_str).unwrap_or("?"),
+                    x.get("weights").map_or(String::new(), |w| w.to_string())
+                )
+            })
             .collect();
         parts.push(format!("rules {}", rs.join(" ")));
     }
@@ -882,8 +919,11 @@ pub fn status_text(mountpoint: &Path) -> Result<String> {
         s("aoe_version")
     );
     out += &format!("base:      {}\n", s("base"));
-    let parents: Vec<String> =
-        v.get("parents").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()).unwrap_or_default();
+    let parents: Vec<String> = v
+        .get("parents")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default();
     out += &format!("parents:   {}\n", parents.join(", "));
     let variants = v.get("variants").and_then(Value::as_array).cloned().unwrap_or_default();
     if s("layout") == "single" {
@@ -892,7 +932,8 @@ pub fn status_text(mountpoint: &Path) -> Result<String> {
         }
     } else {
         out += &format!("variants:  {}\n", variants.len() as u64 + u("variants_omitted"));
-        let width = variants.iter().filter_map(|x| x.get("name").and_then(Value::as_str)).map(str::len).max().unwrap_or(0);
+        let width =
+            variants.iter().filter_map(|x| x.get("name").and_then(Value::as_str)).map(str::len).max().unwrap_or(0);
         for x in &variants {
             let name = x.get("name").and_then(Value::as_str).unwrap_or("?");
             let r = x.get("recipe").map(describe_recipe).unwrap_or_default();
@@ -920,7 +961,12 @@ pub fn status_text(mountpoint: &Path) -> Result<String> {
     );
     if let Some(p) = v.get("prefetch").filter(|p| !p.is_null()) {
         let pu = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
-        out += &format!("prefetch:  {} jobs, {} computed, {} dropped\n", pu("jobs"), gb(pu("bytes_computed")), pu("dropped"));
+        out += &format!(
+            "prefetch:  {} jobs, {} computed, {} dropped\n",
+            pu("jobs"),
+            gb(pu("bytes_computed")),
+            pu("dropped")
+        );
     }
     out += &format!(
         "errors:    {} read errors (EIO), {} computation errors, {} variant names refused\n",
@@ -962,14 +1008,21 @@ pub fn aoe_mount_exe() -> PathBuf {
 /// the first two at `DIR/child`, and returns what to run next.
 pub fn demo(dir: Option<PathBuf>) -> Result<String> {
     use crate::fixture::{write_family, FamilySpec};
-    let dir = dir.or_else(default_demo_dir).ok_or_else(|| Error::BadRecipe { reason: "no cache directory: give DIR".into() })?;
+    let dir = dir
+        .or_else(default_demo_dir)
+        .ok_or_else(|| Error::BadRecipe { reason: "no cache directory: give DIR".into() })?;
     let family = dir.join("family");
     // Two siblings of one ancestor, as the README tells it (the demo preset has a third).
     let mut spec = FamilySpec::demo();
     spec.siblings = 2;
     let done = family.join(".complete");
     if !done.is_file() {
-        eprintln!("aoe demo: writing a family of {} FP8 siblings ({} MB each) to {} …", spec.siblings, spec.parent_bytes() / 1_000_000, family.display());
+        eprintln!(
+            "aoe demo: writing a family of {} FP8 siblings ({} MB each) to {} …",
+            spec.siblings,
+            spec.parent_bytes() / 1_000_000,
+            family.display()
+        );
         let tmp = dir.join("family.partial");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -1009,8 +1062,10 @@ pub fn demo(dir: Option<PathBuf>) -> Result<String> {
     let shard = std::fs::read_dir(&m1)
         .ok()
         .and_then(|rd| {
-            let mut v: Vec<String> =
-                rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".safetensors")).collect();
+            let mut v: Vec<String> = rd
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.ends_with(".safetensors"))
+                .collect();
             v.sort();
             v.into_iter().next()
         })

@@ -43,12 +43,7 @@ impl PrefetchConfig {
     /// for tiny caches) to an eighth of the budget, at most 64 MiB.
     pub fn for_budget(budget: usize) -> PrefetchConfig {
         let max_window = ((budget / 8) as u64).min(64 << 20);
-        PrefetchConfig {
-            initial_window: max_window.min(2 << 20),
-            max_window,
-            min_streak: 2,
-            slack: 4 << 20,
-        }
+        PrefetchConfig { initial_window: max_window.min(2 << 20), max_window, min_streak: 2, slack: 4 << 20 }
     }
 
     /// A configuration that never prefetches.
@@ -114,6 +109,9 @@ pub struct PrefetchCounters {
     pub errors: AtomicU64,
 }
 
+/// Largest range one prefetch job warms.
+pub const JOB_BYTES: u64 = 4 << 20;
+
 struct Job {
     child: Arc<Child>,
     file: usize,
@@ -140,14 +138,30 @@ impl Prefetcher {
         let counters = Arc::new(PrefetchCounters::default());
         for i in 0..threads.max(1) {
             let (rx, pending, counters) = (rx.clone(), pending.clone(), counters.clone());
-            std::thread::Builder::new().name(format!("aoe-prefetch-{i}")).spawn(move || worker(&rx, &pending, &counters))?;
+            std::thread::Builder::new()
+                .name(format!("aoe-prefetch-{i}"))
+                .spawn(move || worker(&rx, &pending, &counters))?;
         }
         Ok(Prefetcher { tx: Mutex::new(Some(tx)), pending, limit, counters })
     }
 
-    /// Queues the warm-up of `len` bytes at `offset` of file `file` of `child`; returns whether
-    /// the job was accepted.
-    pub fn submit(&self, child: Arc<Child>, file: usize, offset: u64, len: u64) -> bool {
+    /// Queues the warm-up of `len` bytes at `offset` of file `file` of `child`, cut into jobs
+    /// of at most [`JOB_BYTES`] so that several threads warm one reader's window at once;
+    /// returns the bytes accepted (a prefix of the range).
+    pub fn submit(&self, child: Arc<Child>, file: usize, offset: u64, len: u64) -> u64 {
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(JOB_BYTES);
+            if !self.submit_one(child.clone(), file, at, n) {
+                break;
+            }
+            at += n;
+        }
+        at - offset
+    }
+
+    fn submit_one(&self, child: Arc<Child>, file: usize, offset: u64, len: u64) -> bool {
         if len == 0 {
             return false;
         }
@@ -291,7 +305,7 @@ mod tests {
             }
             windows.push(s.window);
         }
-        assert_eq!(windows[0], 2 * MB);
+        assert_eq!(windows[0], 4 * MB, "the first sequential read doubles the initial window");
         assert!(windows.windows(2).all(|w| w[1] >= w[0]), "{windows:?}");
         assert_eq!(*windows.last().unwrap(), 16 * MB);
         assert_eq!(s.ahead, 12 * MB + 16 * MB);

@@ -143,7 +143,7 @@ fn run(args: Args) -> Result<()> {
     let cfg = MountConfig {
         mountpoint: mnt.clone(),
         threads,
-        prefetch_threads: (threads / 4).clamp(1, 2),
+        prefetch_threads: (threads / 2).clamp(1, 8),
         allow_other: args.allow_other,
         read_ahead_kb: args.read_ahead_kb,
     };

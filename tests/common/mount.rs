@@ -99,7 +99,9 @@ impl MountGuard {
     pub fn mount(mnt: &Path, args: &[&str]) -> MountGuard {
         match MountGuard::try_mount(mnt, args) {
             Ok(g) => g,
-            Err(out) => panic!("aoe-mount {args:?} {} failed:\n{}", mnt.display(), String::from_utf8_lossy(&out.stderr)),
+            Err(out) => {
+                panic!("aoe-mount {args:?} {} failed:\n{}", mnt.display(), String::from_utf8_lossy(&out.stderr))
+            }
         }
     }
 
