@@ -1539,6 +1539,107 @@ thread_local! {
 // Scalar reference
 // ---------------------------------------------------------------------------------------------
 
+/// The sign of the δ statistic sqrt(Σ (a−b)²)/sqrt(n) between two tensors of one dtype,
+/// decided without computing it: what δ = 0 needs ("is the statistic above 0?").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffSign {
+    /// Every element pair is numerically equal (±0 count as equal): the statistic is 0.
+    Zero,
+    /// Some pair differs and no NaN arises: the statistic is positive.
+    Positive,
+    /// A NaN operand, or an infinity minus itself: the statistic is NaN.
+    NaN,
+}
+
+/// Per element: 0 equal, 1 differ, 2 NaN (as (a−b)² in f64 would be), from raw bits.
+#[inline(always)]
+fn sign_bits(a: u32, b: u32, mag: u32, inf: u32) -> u8 {
+    let (ma, mb) = (a & mag, b & mag);
+    let nan = (ma > inf) | (mb > inf) | ((a == b) & (ma == inf));
+    let equal = (a == b) | ((ma == 0) & (mb == 0));
+    if nan {
+        2
+    } else {
+        (!equal) as u8
+    }
+}
+
+/// [`DiffSign`] of two tensors of the same dtype's stored values (FP8 codes without scales),
+/// in one pass over the bytes. Exactly the sign of [`sum_sq_diff_bytes`] (tests check this);
+/// `None` when the dtypes differ or are not mixable (compute the statistic instead).
+pub fn diff_sign_bytes(dtype_a: DType, a: &[u8], dtype_b: DType, b: &[u8]) -> Option<DiffSign> {
+    if dtype_a != dtype_b || a.len() != b.len() {
+        return None;
+    }
+    let mut worst = 0u8;
+    match dtype_a {
+        DType::F8E4M3 => {
+            // No infinities in e4m3fn; NaN is S.1111.111.
+            for (ca, cb) in a.chunks(4096).zip(b.chunks(4096)) {
+                let mut m = 0u8;
+                for (&x, &y) in ca.iter().zip(cb) {
+                    let nan = ((x & 0x7f) == 0x7f) | ((y & 0x7f) == 0x7f);
+                    let differ = (x != y) & !(((x & 0x7f) == 0) & ((y & 0x7f) == 0));
+                    m |= ((nan as u8) << 1) | differ as u8;
+                }
+                worst |= m;
+                if worst & 2 != 0 {
+                    return Some(DiffSign::NaN);
+                }
+            }
+        }
+        DType::BF16 | DType::F16 => {
+            let (mag, inf) = if dtype_a == DType::BF16 { (0x7fff, 0x7f80) } else { (0x7fff, 0x7c00) };
+            for (ca, cb) in a.chunks(8192).zip(b.chunks(8192)) {
+                let mut m = 0u8;
+                for (x, y) in ca.chunks_exact(2).zip(cb.chunks_exact(2)) {
+                    let x = u16::from_le_bytes([x[0], x[1]]) as u32;
+                    let y = u16::from_le_bytes([y[0], y[1]]) as u32;
+                    m = m.max(sign_bits(x, y, mag, inf));
+                }
+                worst = worst.max(m);
+                if worst == 2 {
+                    return Some(DiffSign::NaN);
+                }
+            }
+        }
+        DType::F32 => {
+            for (ca, cb) in a.chunks(16384).zip(b.chunks(16384)) {
+                let mut m = 0u8;
+                for (x, y) in ca.chunks_exact(4).zip(cb.chunks_exact(4)) {
+                    let x = u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                    let y = u32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+                    m = m.max(sign_bits(x, y, 0x7fff_ffff, 0x7f80_0000));
+                }
+                worst = worst.max(m);
+                if worst == 2 {
+                    return Some(DiffSign::NaN);
+                }
+            }
+        }
+        DType::Other(_) => return None,
+    }
+    Some(if worst & 2 != 0 {
+        DiffSign::NaN
+    } else if worst & 1 != 0 {
+        DiffSign::Positive
+    } else {
+        DiffSign::Zero
+    })
+}
+
+/// The sign of a computed statistic sum (the reference [`diff_sign_bytes`] is tested against).
+pub fn sign_of_sum(sum: f64) -> DiffSign {
+    if sum.is_nan() {
+        DiffSign::NaN
+    } else if sum > 0.0 {
+        DiffSign::Positive
+    } else {
+        DiffSign::Zero
+    }
+}
+
+
 /// Plain scalar reference of every kernel, written from the definitions (numpy's half-float
 /// algorithm for F16, exact rounding arithmetic for FP8 and BF16), element by element. Slow;
 /// for tests and as the specification of the fast paths.
@@ -3112,5 +3213,80 @@ mod tests {
     fn dequant_wrong_scales_panics() {
         let mut out = [0f32; 256];
         dequant_fp8(&[0u8; 256], 256, &[1.0], &mut out); // 1 row, 2 column blocks
+    }
+}
+
+#[cfg(test)]
+mod diff_sign_tests {
+    use super::*;
+
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    /// Specials of each dtype (bit patterns): ±0, ±inf, NaNs, subnormals, max, ones.
+    fn specials(dt: DType) -> Vec<u32> {
+        match dt {
+            DType::F8E4M3 => vec![0x00, 0x80, 0x7f, 0xff, 0x01, 0x81, 0x7e, 0xfe, 0x38, 0xb8],
+            DType::BF16 => vec![0x0000, 0x8000, 0x7f80, 0xff80, 0x7fc0, 0xffc1, 0x7f81, 0x0001, 0x8001, 0x7f7f, 0x3f80, 0xbf80],
+            DType::F16 => vec![0x0000, 0x8000, 0x7c00, 0xfc00, 0x7e00, 0xfc01, 0x0001, 0x8001, 0x7bff, 0x3c00, 0xbc00],
+            _ => vec![0, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0xff80_0001, 1, 0x8000_0001, 0x7f7f_ffff, 0x3f80_0000],
+        }
+    }
+
+    fn to_bytes(dt: DType, v: &[u32]) -> Vec<u8> {
+        v.iter()
+            .flat_map(|&x| match dt.size() {
+                1 => vec![x as u8],
+                2 => (x as u16).to_le_bytes().to_vec(),
+                _ => x.to_le_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sign_equals_the_sign_of_the_statistic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for dt in [DType::F8E4M3, DType::BF16, DType::F16, DType::F32] {
+            let sp = specials(dt);
+            let mask = if dt.size() == 4 { u32::MAX } else { (1u32 << (8 * dt.size())) - 1 };
+            // Every pair of specials, alone and inside longer random-equal tensors.
+            for &x in &sp {
+                for &y in &sp {
+                    for len in [1usize, 3, 4097, 9000] {
+                        let mut a: Vec<u32> = (0..len).map(|_| rng(&mut seed) as u32 & mask).collect();
+                        // Keep the filler free of NaN so the special decides.
+                        for v in a.iter_mut() {
+                            *v &= mask >> 2;
+                        }
+                        let mut b = a.clone();
+                        let at = (rng(&mut seed) as usize) % len;
+                        a[at] = x;
+                        b[at] = y;
+                        let (ab, bb) = (to_bytes(dt, &a), to_bytes(dt, &b));
+                        let want = sign_of_sum(scalar::sum_sq_diff_bytes(dt, &ab, dt, &bb));
+                        assert_eq!(diff_sign_bytes(dt, &ab, dt, &bb), Some(want), "{dt} {x:#x} vs {y:#x} len {len}");
+                    }
+                }
+            }
+            // Random tensors with a few random differences.
+            for len in [0usize, 1, 7, 64, 1000, 20000] {
+                let a: Vec<u32> = (0..len).map(|_| rng(&mut seed) as u32 & mask).collect();
+                let mut b = a.clone();
+                for _ in 0..(rng(&mut seed) % 3) {
+                    if len > 0 {
+                        let i = rng(&mut seed) as usize % len;
+                        b[i] = rng(&mut seed) as u32 & mask;
+                    }
+                }
+                let (ab, bb) = (to_bytes(dt, &a), to_bytes(dt, &b));
+                let want = sign_of_sum(scalar::sum_sq_diff_bytes(dt, &ab, dt, &bb));
+                assert_eq!(diff_sign_bytes(dt, &ab, dt, &bb), Some(want), "{dt} random len {len}");
+            }
+        }
+        assert_eq!(diff_sign_bytes(DType::F8E4M3, &[1], DType::BF16, &[1, 0]), None);
     }
 }

@@ -113,9 +113,15 @@ impl Plan {
         if let Some(s) = guard.as_ref() {
             return Ok(s.clone());
         }
-        let stat = stats.max_over_parents(models, &self.units[u].weight, self.metric)?;
-        // NaN is never above δ: such units keep the base.
-        let s = if stat > self.delta { want.clone() } else { Source::Base };
+        let name = &self.units[u].weight;
+        let above = if self.delta == 0.0 && self.metric == crate::recipe::Metric::Stored {
+            // δ = 0 needs only the statistic's sign: one compare pass, no f64 squares.
+            stats.above_zero(models, name)?
+        } else {
+            // NaN is never above δ: such units keep the base.
+            stats.max_over_parents(models, name, self.metric)? > self.delta
+        };
+        let s = if above { want.clone() } else { Source::Base };
         *guard = Some(s.clone());
         Ok(s)
     }

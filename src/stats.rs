@@ -55,6 +55,37 @@ pub fn normalized_diff(models: &Models, i: usize, name: &str, metric: Metric) ->
     Ok(acc.sum().sqrt() / (numel as f64).sqrt())
 }
 
+/// Whether the stored-value statistic between the base and model `i` is zero, positive or NaN,
+/// without computing it when the dtypes agree (one compare pass instead of f64 squares):
+/// all that δ = 0 needs.
+pub fn stored_diff_sign(models: &Models, i: usize, name: &str) -> Result<kernels::DiffSign> {
+    let a = models.source(0, name)?;
+    let b = models.source(i, name)?;
+    if a.info.dtype != b.info.dtype || !a.info.dtype.is_mixable() {
+        return Ok(kernels::sign_of_sum(normalized_diff(models, i, name, Metric::Stored)?));
+    }
+    let numel = a.info.numel();
+    let band = (4 << 20) / a.info.dtype.size();
+    let (mut bufa, mut bufb) = (Vec::new(), Vec::new());
+    let mut sign = kernels::DiffSign::Zero;
+    let mut e0 = 0;
+    while e0 < numel {
+        let e1 = (e0 + band).min(numel);
+        let (ba, bb) = (a.read_elements(e0, e1, &mut bufa)?, b.read_elements(e0, e1, &mut bufb)?);
+        match kernels::diff_sign_bytes(a.info.dtype, ba, b.info.dtype, bb) {
+            Some(kernels::DiffSign::NaN) => return Ok(kernels::DiffSign::NaN),
+            Some(kernels::DiffSign::Positive) => sign = kernels::DiffSign::Positive,
+            Some(kernels::DiffSign::Zero) => {}
+            None => return Ok(kernels::sign_of_sum(normalized_diff(models, i, name, Metric::Stored)?)),
+        }
+        e0 = e1;
+    }
+    if numel == 0 {
+        return Ok(kernels::DiffSign::NaN); // 0/0, as the statistic itself
+    }
+    Ok(sign)
+}
+
 /// Values of rows `[r0, r1)` as f32, FP8 times its block scales.
 fn dequantize(
     s: &TensorSource<'_>,
@@ -161,6 +192,24 @@ impl StatsStore {
             m = f64::NAN;
         }
         Ok(m)
+    }
+
+    /// Whether max over the parents of the stored statistic exceeds 0 (δ = 0), from remembered
+    /// statistics where there are some, else by [`stored_diff_sign`].
+    pub fn above_zero(&self, models: &Models, name: &str) -> Result<bool> {
+        let mut any_positive = false;
+        for i in 1..models.list.len() {
+            let sign = match self.cached(i, name, Metric::Stored) {
+                Some(v) => kernels::sign_of_sum(v),
+                None => stored_diff_sign(models, i, name)?,
+            };
+            match sign {
+                kernels::DiffSign::NaN => return Ok(false),
+                kernels::DiffSign::Positive => any_positive = true,
+                kernels::DiffSign::Zero => {}
+            }
+        }
+        Ok(any_positive)
     }
 
     /// Writes what was learned to the cache directory (temporary file, then rename).
