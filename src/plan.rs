@@ -43,14 +43,36 @@ pub enum Intent {
     Selected(Source),
 }
 
-/// The decisions for every unit of one child.
-pub struct Plan {
+/// The units of a base checkpoint and a name index over them: the same for every recipe over
+/// one set of models, so an engine builds it once and every variant shares it.
+pub struct UnitIndex {
     /// Units sorted by weight name.
     pub units: Vec<Unit>,
-    /// Per unit, the recipe's intent.
-    pub intents: Vec<Intent>,
     /// tensor name → (unit, is the companion).
     lookup: HashMap<String, (u32, bool)>,
+}
+
+impl UnitIndex {
+    /// Indexes the units of `models`' base.
+    pub fn new(models: &Models) -> UnitIndex {
+        let units = units_of(models);
+        let mut lookup = HashMap::with_capacity(units.len() * 2);
+        for (i, u) in units.iter().enumerate() {
+            lookup.insert(u.weight.clone(), (i as u32, false));
+            if let Some(s) = &u.scale {
+                lookup.insert(s.clone(), (i as u32, true));
+            }
+        }
+        UnitIndex { units, lookup }
+    }
+}
+
+/// The decisions for every unit of one child.
+pub struct Plan {
+    /// The units (shared by every plan over the same models).
+    pub index: Arc<UnitIndex>,
+    /// Per unit, the recipe's intent.
+    pub intents: Vec<Intent>,
     decided: Vec<Mutex<Option<Source>>>,
     delta: f64,
     metric: crate::recipe::Metric,
@@ -78,27 +100,23 @@ pub fn units_of(models: &Models) -> Vec<Unit> {
 impl Plan {
     /// Decides subset, rules and dtypes for every unit and checks that every selected unit can
     /// be built: present in every model, same shape, mixable dtypes, consistent block scales.
-    pub fn new(recipe: &Recipe, models: &Models) -> Result<Plan> {
+    pub fn new(recipe: &Recipe, models: &Models, index: Arc<UnitIndex>) -> Result<Plan> {
         if models.list.len() != recipe.models() {
             return Err(Error::BadRecipe { reason: "models do not match the recipe".into() });
         }
-        let units = units_of(models);
-        let mut intents = Vec::with_capacity(units.len());
-        let mut lookup = HashMap::with_capacity(units.len() * 2);
-        for (i, u) in units.iter().enumerate() {
-            lookup.insert(u.weight.clone(), (i as u32, false));
-            if let Some(s) = &u.scale {
-                lookup.insert(s.clone(), (i as u32, true));
-            }
-            intents.push(intent(recipe, models, u)?);
-        }
-        let decided = units.iter().map(|_| Mutex::new(None)).collect();
-        Ok(Plan { units, intents, lookup, decided, delta: recipe.delta, metric: recipe.metric })
+        let intents = index.units.iter().map(|u| intent(recipe, models, u)).collect::<Result<Vec<_>>>()?;
+        let decided = index.units.iter().map(|_| Mutex::new(None)).collect();
+        Ok(Plan { index, intents, decided, delta: recipe.delta, metric: recipe.metric })
+    }
+
+    /// The units, sorted by weight name.
+    pub fn units(&self) -> &[Unit] {
+        &self.index.units
     }
 
     /// The unit a tensor belongs to, and whether it is the companion.
     pub fn unit_of(&self, tensor: &str) -> Option<(usize, bool)> {
-        self.lookup.get(tensor).map(|&(u, s)| (u as usize, s))
+        self.index.lookup.get(tensor).map(|&(u, s)| (u as usize, s))
     }
 
     /// Where unit `u`'s bytes come from; the first call for a selected unit computes (or looks
@@ -113,7 +131,7 @@ impl Plan {
         if let Some(s) = guard.as_ref() {
             return Ok(s.clone());
         }
-        let name = &self.units[u].weight;
+        let name = &self.index.units[u].weight;
         let above = if self.delta == 0.0 && self.metric == crate::recipe::Metric::Stored {
             // δ = 0 needs only the statistic's sign: one compare pass, no f64 squares.
             stats.above_zero(models, name)?

@@ -82,14 +82,14 @@ impl Group {
 
     /// The group of a weight name: the first whose pattern matches.
     pub fn of(name: &str) -> Group {
-        static PATTERNS: std::sync::OnceLock<Vec<(Group, Regex)>> = std::sync::OnceLock::new();
-        let pats = PATTERNS.get_or_init(|| {
-            Group::ALL
-                .into_iter()
-                .filter_map(|g| Some((g, Regex::new(g.pattern()?).expect("group patterns are valid"))))
-                .collect()
+        // One pass of a RegexSet over the name instead of one search per pattern.
+        static SET: std::sync::OnceLock<(regex::RegexSet, Vec<Group>)> = std::sync::OnceLock::new();
+        let (set, groups) = SET.get_or_init(|| {
+            let groups: Vec<Group> = Group::ALL.into_iter().filter(|g| g.pattern().is_some()).collect();
+            let set = regex::RegexSet::new(groups.iter().filter_map(|g| g.pattern())).expect("group patterns are valid");
+            (set, groups)
         });
-        pats.iter().find(|(_, re)| re.is_match(name)).map_or(Group::Other, |(g, _)| *g)
+        set.matches(name).iter().next().and_then(|i| groups.get(i).copied()).unwrap_or(Group::Other)
     }
 }
 

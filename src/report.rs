@@ -48,10 +48,10 @@ pub fn plan_report(child: &Child, threads: usize) -> Result<PlanReport> {
     let models = &child.engine.models;
     let base = models.base();
     let decided: Vec<(Group, Origin, Tally)> = pool.install(|| {
-        (0..child.plan.units.len())
+        (0..child.plan.units().len())
             .into_par_iter()
             .map(|u| {
-                let unit = &child.plan.units[u];
+                let unit = &child.plan.units()[u];
                 let origin = match child.plan.source(u, models, &child.engine.stats)? {
                     Source::Base => Origin::Base,
                     Source::Donor(_) => Origin::Donor,

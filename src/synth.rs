@@ -34,6 +34,7 @@ pub struct Engine {
     /// Target chunk size in output bytes.
     pub chunk_bytes: usize,
     next_variant: AtomicU32,
+    units: std::sync::OnceLock<Arc<crate::plan::UnitIndex>>,
 }
 
 impl Engine {
@@ -46,7 +47,13 @@ impl Engine {
             cache: ChunkCache::new(cache_bytes),
             chunk_bytes: chunk_bytes.max(1),
             next_variant: AtomicU32::new(0),
+            units: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The base's units, indexed once and shared by every child.
+    pub fn unit_index(&self) -> Arc<crate::plan::UnitIndex> {
+        self.units.get_or_init(|| Arc::new(crate::plan::UnitIndex::new(&self.models))).clone()
     }
 }
 
@@ -120,7 +127,7 @@ thread_local! {
 impl Child {
     /// Plans `recipe` over `engine`'s models (which must be the recipe's).
     pub fn new(engine: Arc<Engine>, recipe: Recipe) -> Result<Child> {
-        let plan = Plan::new(&recipe, &engine.models)?;
+        let plan = Plan::new(&recipe, &engine.models, engine.unit_index())?;
         let recipe_bytes = recipe.file_bytes();
         let base = engine.models.base();
         let mut files: Vec<ChildFile> = base
@@ -268,7 +275,7 @@ impl Child {
     /// How unit `u` is cut into chunks.
     pub fn layout(&self, u: usize) -> Result<Layout> {
         let models = &self.engine.models;
-        let unit = self.plan.units.get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
+        let unit = self.plan.units().get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
         let base = models.source(0, &unit.weight)?;
         let (rows, cols) = base.info.rows_cols();
         let numel = base.info.numel();
@@ -301,7 +308,7 @@ impl Child {
     /// Computes chunk `c` of unit `u` with weights `w` (DESIGN §4).
     pub fn compute_chunk(&self, u: usize, c: usize, w: &[f32]) -> Result<Chunk> {
         let models = &self.engine.models;
-        let unit = self.plan.units.get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
+        let unit = self.plan.units().get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
         let lay = self.layout(u)?;
         let (e0, e1) = lay.elements(c);
         let cols = lay.cols.max(1);

@@ -136,8 +136,8 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
         }
     }
     // Largest units first, so the pool drains evenly.
-    let mut units: Vec<(u64, usize)> = (0..child.plan.units.len())
-        .map(|u| (base.get(&child.plan.units[u].weight).map_or(0, |(_, t)| t.len), u))
+    let mut units: Vec<(u64, usize)> = (0..child.plan.units().len())
+        .map(|u| (base.get(&child.plan.units()[u].weight).map_or(0, |(_, t)| t.len), u))
         .collect();
     units.sort_unstable_by(|a, b| b.cmp(a));
     jobs.extend(units.into_iter().map(|(_, u)| Job::Unit(u)));
@@ -228,7 +228,7 @@ impl Ctx<'_> {
         let child = self.child;
         let models = &child.engine.models;
         let base = models.base();
-        let unit = &child.plan.units[u];
+        let unit = &child.plan.units()[u];
         let mut tensors: Vec<(&Shard, &TensorInfo)> = Vec::with_capacity(2);
         for name in std::iter::once(&unit.weight).chain(unit.scale.iter()) {
             tensors.push(base.get(name).ok_or_else(|| Error::MissingTensor { parent: base.dir.clone(), tensor: name.clone() })?);
