@@ -121,8 +121,8 @@ pub fn nan_max(a: f64, b: f64) -> f64 {
 struct PairStats {
     /// File the pair is kept in (None: memory only).
     file: Option<PathBuf>,
-    /// weight name → [stored, dequantized].
-    values: HashMap<String, [Option<f64>; 2]>,
+    /// weight name → [stored, dequantized, sign of stored (0, 1 or NaN)].
+    values: HashMap<String, [Option<f64>; 3]>,
     dirty: bool,
 }
 
@@ -169,6 +169,24 @@ impl StatsStore {
         p.values.get(name).and_then(|v| v[slot(metric)])
     }
 
+    /// A remembered sign of the stored statistic, as 0, 1 or NaN.
+    fn cached_sign(&self, i: usize, name: &str) -> Option<f64> {
+        let p = self.pairs.get(i)?.lock().ok()?;
+        p.values.get(name).and_then(|v| v[2])
+    }
+
+    fn remember_sign(&self, i: usize, name: &str, sign: kernels::DiffSign) {
+        let v = match sign {
+            kernels::DiffSign::Zero => 0.0,
+            kernels::DiffSign::Positive => 1.0,
+            kernels::DiffSign::NaN => f64::NAN,
+        };
+        if let Some(Ok(mut p)) = self.pairs.get(i).map(|m| m.lock()) {
+            p.values.entry(name.to_string()).or_default()[2] = Some(v);
+            p.dirty = true;
+        }
+    }
+
     /// The statistic of weight `name` between the base and model `i`, computed on first use.
     pub fn get(&self, models: &Models, i: usize, name: &str, metric: Metric) -> Result<f64> {
         if let Some(v) = self.cached(i, name, metric) {
@@ -199,9 +217,13 @@ impl StatsStore {
     pub fn above_zero(&self, models: &Models, name: &str) -> Result<bool> {
         let mut any_positive = false;
         for i in 1..models.list.len() {
-            let sign = match self.cached(i, name, Metric::Stored) {
+            let sign = match self.cached(i, name, Metric::Stored).or_else(|| self.cached_sign(i, name)) {
                 Some(v) => kernels::sign_of_sum(v),
-                None => stored_diff_sign(models, i, name)?,
+                None => {
+                    let sign = stored_diff_sign(models, i, name)?;
+                    self.remember_sign(i, name, sign);
+                    sign
+                }
             };
             match sign {
                 kernels::DiffSign::NaN => return Ok(false),
@@ -224,7 +246,7 @@ impl StatsStore {
             let mut values = load(&file).unwrap_or_default();
             for (k, v) in &p.values {
                 let e = values.entry(k.clone()).or_default();
-                for s in 0..2 {
+                for s in 0..3 {
                     if v[s].is_some() {
                         e[s] = v[s];
                     }
@@ -235,7 +257,7 @@ impl StatsStore {
             keys.sort();
             for k in keys {
                 let v = values[k];
-                m.insert(k.clone(), json!({"stored": enc(v[0]), "dequantized": enc(v[1])}));
+                m.insert(k.clone(), json!({"stored": enc(v[0]), "dequantized": enc(v[1]), "stored_sign": enc(v[2])}));
             }
             let text = serde_json::to_vec(&Value::Object(m)).unwrap_or_default();
             let tmp = file.with_extension(format!("tmp{}", std::process::id()));
@@ -265,13 +287,13 @@ fn dec(v: Option<&Value>) -> Option<f64> {
     }
 }
 
-fn load(file: &Path) -> Option<HashMap<String, [Option<f64>; 2]>> {
+fn load(file: &Path) -> Option<HashMap<String, [Option<f64>; 3]>> {
     let text = std::fs::read(file).ok()?;
     let v: Value = serde_json::from_slice(&text).ok()?;
     Some(
         v.as_object()?
             .iter()
-            .map(|(k, e)| (k.clone(), [dec(e.get("stored")), dec(e.get("dequantized"))]))
+            .map(|(k, e)| (k.clone(), [dec(e.get("stored")), dec(e.get("dequantized")), dec(e.get("stored_sign"))]))
             .collect(),
     )
 }
