@@ -1023,9 +1023,21 @@ pub fn demo(dir: Option<PathBuf>) -> Result<String> {
             spec.parent_bytes() / 1_000_000,
             family.display()
         );
+        // Only directories carrying our marker are ever removed: DIR may be a user's own.
+        let ours = |d: &Path| d.join(".aoe-demo").is_file();
+        let foreign = |d: &Path| d.exists() && !ours(d);
         let tmp = dir.join("family.partial");
+        for d in [&tmp, &family] {
+            if foreign(d) {
+                return Err(Error::BadOutput {
+                    path: d.to_path_buf(),
+                    reason: "exists and was not written by aoe demo; choose another DIR".into(),
+                });
+            }
+        }
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::write(tmp.join(".aoe-demo"), b"").map_err(|e| Error::io(&tmp, e))?;
         write_family(&spec, &tmp).map_err(|e| Error::io(&tmp, e))?;
         let _ = std::fs::remove_dir_all(&family);
         std::fs::rename(&tmp, &family).map_err(|e| Error::io(&family, e))?;

@@ -180,7 +180,16 @@ fn intent(recipe: &Recipe, models: &Models, u: &Unit) -> Result<Intent> {
     let hot: Vec<usize> = (0..w.len()).filter(|&i| w[i] != 0.0).collect();
     if let [k] = hot[..] {
         let s = &srcs[k];
-        if w[k] == 1.0 && s.info.dtype == base.info.dtype && s.scale.is_some() == base.scale.is_some() {
+        // The donor's bytes verbatim, companion included: it must store the weight in the
+        // base's dtype and, when the base has a companion, one of the same dtype and shape.
+        let companion_ok = match &u.scale {
+            None => true,
+            Some(c) => match (models.base().get(c), models.list.get(k).and_then(|m| m.get(c))) {
+                (Some((_, bt)), Some((_, dt))) => bt.dtype == dt.dtype && bt.shape == dt.shape,
+                _ => false,
+            },
+        };
+        if w[k] == 1.0 && s.info.dtype == base.info.dtype && companion_ok {
             return Ok(Intent::Selected(Source::Donor(k)));
         }
     }

@@ -240,6 +240,10 @@ impl Child {
                 }
                 pread(ds, dt.start + at, out, &t.name)
             }
+            // A companion that is not the base's FP8 block scales is not computed: it stays the base's.
+            Source::Mix(_) if is_scale && models.source(0, &self.plan.units()[u].weight)?.scale.is_none() => {
+                pread(shard, t.start + at, out, &t.name)
+            }
             Source::Mix(w) => {
                 let lay = self.layout(u)?;
                 // Bytes per chunk in this tensor, and the chunk part holding them.

@@ -142,14 +142,22 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
     units.sort_unstable_by(|a, b| b.cmp(a));
     jobs.extend(units.into_iter().map(|(_, u)| Job::Unit(u)));
 
-    let total: u64 = child.files.iter().map(|f| f.size).sum();
-    let done = AtomicU64::new(0);
-    let computed = AtomicU64::new(0);
     let file_of_shard: Vec<usize> = base
         .shards
         .iter()
         .map(|s| child.file(&s.name).unwrap_or(usize::MAX))
         .collect();
+    // Tensors outside every unit (e.g. a scale of a scale) are the base's bytes.
+    for (si, sh) in base.shards.iter().enumerate() {
+        for t in sh.tensors.iter().filter(|t| child.plan.unit_of(&t.name).is_none()) {
+            let file = file_of_shard.get(si).copied().filter(|&f| f != usize::MAX);
+            let file = file.ok_or_else(|| Error::NoSuchFile { name: sh.name.clone() })?;
+            jobs.push(Job::Copy { file, at: t.start, src: sh.path.clone(), from: t.start, len: t.len });
+        }
+    }
+    let total: u64 = child.files.iter().map(|f| f.size).sum();
+    let done = AtomicU64::new(0);
+    let computed = AtomicU64::new(0);
     let ctx = Ctx {
         child,
         outs: &outs,
@@ -257,7 +265,16 @@ impl Ctx<'_> {
                 let lay = child.layout(u)?;
                 let (wsh, wt) = tensors[0];
                 let wfile = dst(wsh)?;
-                let scale = tensors.get(1).map(|&(sh, t)| dst(sh).map(|f| (f, t))).transpose()?;
+                // Only the base's FP8 block scales are computed; any other companion stays the base's.
+                let computed_scales = models.source(0, &unit.weight)?.scale.is_some();
+                let scale = match tensors.get(1) {
+                    Some(&(sh, t)) if computed_scales => Some((dst(sh)?, t)),
+                    Some(&(sh, t)) => {
+                        self.copy_tensor(sh, t, dst(sh)?, t.start)?;
+                        None
+                    }
+                    None => None,
+                };
                 let scale_span = (lay.block_rows * lay.cols.div_ceil(FP8_BLOCK) * 4) as u64;
                 for c in 0..lay.chunks {
                     if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
