@@ -121,7 +121,16 @@ impl ChunkCache {
     /// A buffer of at least `cap` bytes' capacity, from the pool when one fits.
     pub fn take_buffer(&self, cap: usize) -> Vec<u8> {
         let mut g = self.lock();
-        if let Some(i) = g.pool.iter().position(|b| b.capacity() >= cap) {
+        // Best fit, and never a buffer more than twice the need: small chunks must not pin big
+        // buffers (the cache charges capacity).
+        let fit = g
+            .pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= cap && b.capacity() <= cap.saturating_mul(2).max(4096))
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        if let Some(i) = fit {
             let mut b = g.pool.swap_remove(i);
             g.pool_bytes -= b.capacity();
             b.clear();
@@ -158,7 +167,12 @@ impl ChunkCache {
         };
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         let t = std::time::Instant::now();
-        let result = compute().map(Arc::new).map_err(Arc::new);
+        // A panic inside a computation must still resolve the flight, or every later reader
+        // of this chunk would wait forever.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(compute))
+            .unwrap_or_else(|_| Err(Error::BadRecipe { reason: "internal error: chunk computation panicked".into() }))
+            .map(Arc::new)
+            .map_err(Arc::new);
         self.counters.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         {
             let mut g = self.lock();

@@ -63,6 +63,9 @@ pub struct Shard {
     pub map: Mmap,
     /// Bytes of 8-byte length prefix plus JSON header.
     pub header_len: u64,
+    /// A copy of those bytes: served without touching the mapping, so a shard truncated under
+    /// a mount gives errors, not SIGBUS.
+    header: Vec<u8>,
     /// File size at open.
     pub size: u64,
     /// Modification time at open.
@@ -74,7 +77,7 @@ pub struct Shard {
 impl Shard {
     /// The header bytes (length prefix and JSON), byte for byte.
     pub fn header(&self) -> &[u8] {
-        self.map.get(..self.header_len as usize).unwrap_or(&[])
+        &self.header
     }
 
     /// Bytes `[start, start+len)` of the file, refusing ranges past the file's current end
@@ -248,7 +251,8 @@ fn open_shard(dir: &Path, name: &str) -> Result<Shard> {
     // checking the file size before each access.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
     let (header_len, tensors) = parse_header(&path, &map)?;
-    Ok(Shard { name: name.to_string(), path, file, map, header_len, size, mtime, tensors })
+    let header = map.get(..header_len as usize).unwrap_or(&[]).to_vec();
+    Ok(Shard { name: name.to_string(), path, file, map, header_len, header, size, mtime, tensors })
 }
 
 /// Validates a safetensors buffer as the `safetensors` crate does and returns the header
@@ -314,6 +318,11 @@ pub fn parse_header(path: &Path, buf: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
             .iter()
             .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
             .ok_or_else(|| bad_t(format!("shape {shape:?} overflows")))?;
+        // Zero-size tensors pass the byte count whatever their other dimensions; refuse shapes
+        // whose element count would overflow all the same (it is multiplied elsewhere).
+        if shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul((d as u64).max(1))).is_none() {
+            return Err(bad_t(format!("shape {shape:?} overflows")));
+        }
         if nbytes != end - begin {
             return Err(bad_t(format!(
                 "shape {shape:?} of {dtype} needs {nbytes} bytes, data_offsets [{begin}, {end}] hold {}",

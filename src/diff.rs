@@ -216,7 +216,10 @@ pub fn compute(
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    flushed?;
+    if let Err(e) = flushed {
+        // The statistics are computed; failing to remember them must not lose them.
+        eprintln!("aoe: warning: cannot save δ statistics: {e}");
+    }
     let mut rows = results.into_inner().unwrap_or_else(|p| p.into_inner());
     rows.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(rows)

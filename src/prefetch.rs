@@ -202,11 +202,13 @@ fn worker(rx: &Mutex<Receiver<Job>>, pending: &AtomicU64, counters: &PrefetchCou
             g.recv()
         };
         let Ok(job) = job else { return };
-        match warm(&job.child, job.file, job.offset, job.len) {
-            Ok(n) => {
+        // A panic must not kill the worker and leave `pending` counted forever.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| warm(&job.child, job.file, job.offset, job.len)));
+        match res {
+            Ok(Ok(n)) => {
                 counters.computed.fetch_add(n, Ordering::Relaxed);
             }
-            Err(_) => {
+            _ => {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
             }
         }

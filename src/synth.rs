@@ -126,7 +126,18 @@ thread_local! {
 
 impl Child {
     /// Plans `recipe` over `engine`'s models (which must be the recipe's).
-    pub fn new(engine: Arc<Engine>, recipe: Recipe) -> Result<Child> {
+    pub fn new(engine: Arc<Engine>, mut recipe: Recipe) -> Result<Child> {
+        if recipe.models() != engine.models.list.len() {
+            return Err(Error::WeightCount {
+                expected: engine.models.list.len(),
+                got: recipe.models(),
+                context: "recipe models".into(),
+            });
+        }
+        // Record the opened (canonical) directories, so `aoe_recipe.json` is the same however
+        // a path was spelled (trailing slash, symlink, relative) on every node.
+        recipe.base = engine.models.base().dir.clone();
+        recipe.parents = engine.models.list.iter().skip(1).map(|m| m.dir.clone()).collect();
         let plan = Plan::new(&recipe, &engine.models, engine.unit_index())?;
         let recipe_bytes = recipe.file_bytes();
         let base = engine.models.base();

@@ -122,7 +122,9 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
     let base = child.engine.models.base();
     for (i, f) in child.files.iter().enumerate() {
         let path = &guard.0[i];
-        let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        // create_new: never follow a symlink planted at the temporary name, never truncate.
+        let _ = std::fs::remove_file(path);
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| Error::io(path, e))?;
         file.set_len(f.size).map_err(|e| Error::io(path, e))?;
         outs.push(file);
         match &f.kind {
@@ -175,7 +177,10 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
         std::fs::rename(&guard.0[i], &to).map_err(|e| Error::io(&to, e))?;
     }
     std::mem::forget(guard);
-    child.engine.stats.flush()?;
+    if let Err(e) = child.engine.stats.flush() {
+        // The child is complete; only the memo of statistics is lost.
+        eprintln!("aoe: warning: cannot save δ statistics: {e}");
+    }
     Ok(WriteReport { bytes: total, computed: computed.load(Ordering::Relaxed), files: child.files.len() })
 }
 

@@ -203,7 +203,9 @@ fn run(cmd: Cmd) -> Result<()> {
             let engine = Engine::new(models, stats_dir(cache_dir).as_deref(), 0, 1 << 20);
             let child = Child::new(Arc::new(engine), recipe)?;
             let report = aoe::report::plan_report(&child, threads_or_cores(threads))?;
-            child.engine.stats.flush()?;
+            if let Err(e) = child.engine.stats.flush() {
+                eprintln!("aoe: warning: cannot save δ statistics: {e}");
+            }
             let text = if json { report.to_json() } else { report.to_table() };
             print!("{text}");
             Ok(())
@@ -231,7 +233,9 @@ fn run(cmd: Cmd) -> Result<()> {
                 pb.set_position(d);
             })?;
             pb.finish_and_clear();
-            stats.flush()?;
+            if let Err(e) = stats.flush() {
+                eprintln!("aoe: warning: cannot save δ statistics: {e}");
+            }
             let summary = aoe::diff::summarize(&rows);
             let mut out = std::io::stdout().lock();
             let res = if csv {
@@ -298,12 +302,13 @@ extern "C" fn stop(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// SIGINT and SIGTERM set a flag the writer checks, so it can remove its temporary files.
+/// SIGINT, SIGTERM and SIGHUP set a flag the writer checks, so it can remove its temporary files.
 fn on_signal() -> &'static std::sync::atomic::AtomicBool {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, stop as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, stop as *const () as libc::sighandler_t);
     }
     &STOP
 }
