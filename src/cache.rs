@@ -148,7 +148,11 @@ impl ChunkCache {
 
     /// The chunk for `key`: from the cache, by waiting for another reader's computation, or by
     /// running `compute` (once, whoever asks meanwhile).
-    pub fn get_or_compute(&self, key: ChunkKey, compute: impl FnOnce() -> Result<Chunk>) -> Result<Arc<Chunk>> {
+    pub fn get_or_compute(
+        &self,
+        key: ChunkKey,
+        compute: impl FnOnce() -> Result<Chunk>,
+    ) -> Result<Arc<Chunk>> {
         let flight = {
             let mut g = self.lock();
             if let Some(c) = g.lru.get(&key) {
@@ -170,22 +174,32 @@ impl ChunkCache {
         // A panic inside a computation must still resolve the flight, or every later reader
         // of this chunk would wait forever.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(compute))
-            .unwrap_or_else(|_| Err(Error::BadRecipe { reason: "internal error: chunk computation panicked".into() }))
+            .unwrap_or_else(|_| {
+                Err(Error::BadRecipe {
+                    reason: "internal error: chunk computation panicked".into(),
+                })
+            })
             .map(Arc::new)
             .map_err(Arc::new);
-        self.counters.compute_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.counters
+            .compute_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         {
             let mut g = self.lock();
             g.inflight.remove(&key);
             match &result {
                 Ok(c) => {
-                    self.counters.computed_bytes.fetch_add((c.data.len() + c.scales.len()) as u64, Ordering::Relaxed);
+                    self.counters
+                        .computed_bytes
+                        .fetch_add((c.data.len() + c.scales.len()) as u64, Ordering::Relaxed);
                     let n = c.bytes();
                     if n <= self.budget {
                         g.bytes += n;
                         g.lru.put(key, c.clone());
                         while g.bytes > self.budget {
-                            let Some((_, old)) = g.lru.pop_lru() else { break };
+                            let Some((_, old)) = g.lru.pop_lru() else {
+                                break;
+                            };
                             g.bytes -= old.bytes();
                             if let Ok(old) = Arc::try_unwrap(old) {
                                 let cap = self.pool_limit();
@@ -231,20 +245,38 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn key(c: u32) -> ChunkKey {
-        ChunkKey { variant: 0, unit: 0, chunk: c }
+        ChunkKey {
+            variant: 0,
+            unit: 0,
+            chunk: c,
+        }
     }
 
     #[test]
     fn evicts_least_recently_used_within_budget() {
         let cache = ChunkCache::new(3000);
         for c in 0..5 {
-            cache.get_or_compute(key(c), || Ok(Chunk { data: vec![c as u8; 1000], scales: vec![] })).unwrap();
+            cache
+                .get_or_compute(key(c), || {
+                    Ok(Chunk {
+                        data: vec![c as u8; 1000],
+                        scales: vec![],
+                    })
+                })
+                .unwrap();
             assert!(cache.held() <= 3000);
         }
         assert!(!cache.contains(&key(0)));
         assert!(cache.contains(&key(4)));
         // A chunk bigger than the budget is returned but not kept.
-        let big = cache.get_or_compute(key(9), || Ok(Chunk { data: vec![1; 5000], scales: vec![] })).unwrap();
+        let big = cache
+            .get_or_compute(key(9), || {
+                Ok(Chunk {
+                    data: vec![1; 5000],
+                    scales: vec![],
+                })
+            })
+            .unwrap();
         assert_eq!(big.data.len(), 5000);
         assert!(!cache.contains(&key(9)));
     }
@@ -260,7 +292,10 @@ mod tests {
                     cache.get_or_compute(key(1), || {
                         runs.fetch_add(1, Ordering::SeqCst);
                         std::thread::sleep(std::time::Duration::from_millis(50));
-                        Ok(Chunk { data: vec![7; 10], scales: vec![] })
+                        Ok(Chunk {
+                            data: vec![7; 10],
+                            scales: vec![],
+                        })
                     })
                 })
             })
@@ -276,7 +311,9 @@ mod tests {
                 std::thread::spawn(move || {
                     cache.get_or_compute(key(2), || {
                         std::thread::sleep(std::time::Duration::from_millis(50));
-                        Err(Error::BadRecipe { reason: "boom".into() })
+                        Err(Error::BadRecipe {
+                            reason: "boom".into(),
+                        })
                     })
                 })
             })

@@ -83,13 +83,22 @@ impl Shard {
     /// Bytes `[start, start+len)` of the file, refusing ranges past the file's current end
     /// (a parent that shrank under us would otherwise raise SIGBUS).
     pub fn range(&self, start: u64, len: u64, tensor: &str) -> Result<&[u8]> {
-        let changed = || Error::ParentChanged { path: self.path.clone(), tensor: tensor.to_string() };
+        let changed = || Error::ParentChanged {
+            path: self.path.clone(),
+            tensor: tensor.to_string(),
+        };
         let end = start.checked_add(len).ok_or_else(changed)?;
-        let now = self.file.metadata().map_err(|e| Error::io(&self.path, e))?.len();
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, e))?
+            .len();
         if end > now || end > self.map.len() as u64 {
             return Err(changed());
         }
-        self.map.get(start as usize..end as usize).ok_or_else(changed)
+        self.map
+            .get(start as usize..end as usize)
+            .ok_or_else(changed)
     }
 }
 
@@ -116,7 +125,9 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
         if !meta.is_dir() {
-            return Err(Error::NotADirectory { path: dir.to_path_buf() });
+            return Err(Error::NotADirectory {
+                path: dir.to_path_buf(),
+            });
         }
         let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         let index_path = dir.join(INDEX_NAME);
@@ -134,9 +145,15 @@ impl Checkpoint {
         for (si, name) in shard_names.iter().enumerate() {
             let shard = open_shard(&dir, name)?;
             for (ti, t) in shard.tensors.iter().enumerate() {
-                let loc = Loc { shard: si as u32, idx: ti as u32 };
+                let loc = Loc {
+                    shard: si as u32,
+                    idx: ti as u32,
+                };
                 if names.insert(t.name.clone(), loc).is_some() {
-                    return Err(Error::DuplicateTensor { path: shard.path.clone(), tensor: t.name.clone() });
+                    return Err(Error::DuplicateTensor {
+                        path: shard.path.clone(),
+                        tensor: t.name.clone(),
+                    });
                 }
             }
             shards.push(shard);
@@ -162,7 +179,9 @@ impl Checkpoint {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(&dir, e))?;
             let ft = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
             // Symlinks count when they point at regular files (HF caches are symlink farms).
             let is_file = ft.is_file() || (ft.is_symlink() && entry.path().is_file());
             if is_file && !shard_names.contains(&name) {
@@ -170,7 +189,12 @@ impl Checkpoint {
             }
         }
         other_files.sort();
-        Ok(Checkpoint { dir, shards, other_files, names })
+        Ok(Checkpoint {
+            dir,
+            shards,
+            other_files,
+            names,
+        })
     }
 
     /// Looks a tensor up by name.
@@ -203,7 +227,11 @@ impl Checkpoint {
         let mut h = Sha256::new();
         h.update(self.dir.to_string_lossy().as_bytes());
         for s in &self.shards {
-            let mt = s.mtime.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let mt = s
+                .mtime
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
             h.update(format!("\0{}\0{}\0{}\0", s.name, s.size, mt).as_bytes());
             h.update(s.header());
         }
@@ -213,7 +241,10 @@ impl Checkpoint {
 
 /// Reads the index: the sorted unique shard names and the name → shard map.
 fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
-    let bad = |reason: String| Error::BadIndex { path: path.to_path_buf(), reason };
+    let bad = |reason: String| Error::BadIndex {
+        path: path.to_path_buf(),
+        reason,
+    };
     let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let v: Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
     let map = v
@@ -222,9 +253,19 @@ fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
         .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
     let mut weight_map = BTreeMap::new();
     for (k, v) in map {
-        let file = v.as_str().ok_or_else(|| bad(format!("weight_map[{k:?}] is not a string")))?;
-        if file.is_empty() || file.contains('/') || file == "." || file == ".." || file.contains('\0') {
-            return Err(Error::BadShardName { path: path.to_path_buf(), shard: file.to_string() });
+        let file = v
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[{k:?}] is not a string")))?;
+        if file.is_empty()
+            || file.contains('/')
+            || file == "."
+            || file == ".."
+            || file.contains('\0')
+        {
+            return Err(Error::BadShardName {
+                path: path.to_path_buf(),
+                shard: file.to_string(),
+            });
         }
         weight_map.insert(k.clone(), file.to_string());
     }
@@ -243,7 +284,10 @@ fn open_shard(dir: &Path, name: &str) -> Result<Shard> {
     let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
     if !meta.is_file() {
-        return Err(Error::BadHeader { path, reason: "not a regular file".into() });
+        return Err(Error::BadHeader {
+            path,
+            reason: "not a regular file".into(),
+        });
     }
     let size = meta.len();
     let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -252,38 +296,66 @@ fn open_shard(dir: &Path, name: &str) -> Result<Shard> {
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
     let (header_len, tensors) = parse_header(&path, &map)?;
     let header = map.get(..header_len as usize).unwrap_or(&[]).to_vec();
-    Ok(Shard { name: name.to_string(), path, file, map, header_len, header, size, mtime, tensors })
+    Ok(Shard {
+        name: name.to_string(),
+        path,
+        file,
+        map,
+        header_len,
+        header,
+        size,
+        mtime,
+        tensors,
+    })
 }
 
 /// Validates a safetensors buffer as the `safetensors` crate does and returns the header
 /// length (prefix included) and the tensors in data order with absolute offsets.
 pub fn parse_header(path: &Path, buf: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
-    let bad = |reason: String| Error::BadHeader { path: path.to_path_buf(), reason };
+    let bad = |reason: String| Error::BadHeader {
+        path: path.to_path_buf(),
+        reason,
+    };
     let prefix: [u8; 8] = buf
         .get(..8)
         .and_then(|s| s.try_into().ok())
-        .ok_or_else(|| bad(format!("file is {} bytes, shorter than the 8-byte length prefix", buf.len())))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "file is {} bytes, shorter than the 8-byte length prefix",
+                buf.len()
+            ))
+        })?;
     let n = u64::from_le_bytes(prefix);
     if n > MAX_HEADER {
-        return Err(bad(format!("header length {n} exceeds the limit of {MAX_HEADER}")));
+        return Err(bad(format!(
+            "header length {n} exceeds the limit of {MAX_HEADER}"
+        )));
     }
     let header_len = n + 8;
-    let json = buf
-        .get(8..header_len as usize)
-        .ok_or_else(|| bad(format!("header length {n} runs past the end of the {}-byte file", buf.len())))?;
+    let json = buf.get(8..header_len as usize).ok_or_else(|| {
+        bad(format!(
+            "header length {n} runs past the end of the {}-byte file",
+            buf.len()
+        ))
+    })?;
     let text = std::str::from_utf8(json).map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
     if !text.starts_with('{') {
         return Err(bad("header does not start with '{'".into()));
     }
-    let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("header is not a JSON object".into()))?;
 
     let data_len = (buf.len() as u64) - header_len;
     let mut tensors = Vec::with_capacity(obj.len());
     let mut ranges = Vec::with_capacity(obj.len());
     for (name, entry) in obj {
         if name == "__metadata__" {
-            let ok = entry.as_object().is_some_and(|m| m.values().all(Value::is_string));
+            let ok = entry
+                .as_object()
+                .is_some_and(|m| m.values().all(Value::is_string));
             if !ok {
                 return Err(bad("__metadata__ must map strings to strings".into()));
             }
@@ -294,13 +366,23 @@ pub fn parse_header(path: &Path, buf: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
             tensor: name.clone(),
             reason,
         };
-        let e = entry.as_object().ok_or_else(|| bad_t("entry is not an object".into()))?;
-        let dt = e.get("dtype").and_then(Value::as_str).ok_or_else(|| bad_t("no dtype string".into()))?;
+        let e = entry
+            .as_object()
+            .ok_or_else(|| bad_t("entry is not an object".into()))?;
+        let dt = e
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad_t("no dtype string".into()))?;
         let dtype = DType::parse(dt).ok_or_else(|| bad_t(format!("unknown dtype {dt:?}")))?;
-        let shape_v = e.get("shape").and_then(Value::as_array).ok_or_else(|| bad_t("no shape array".into()))?;
+        let shape_v = e
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad_t("no shape array".into()))?;
         let mut shape = Vec::with_capacity(shape_v.len());
         for d in shape_v {
-            let d = d.as_u64().ok_or_else(|| bad_t(format!("shape entry {d} is not a non-negative integer")))?;
+            let d = d
+                .as_u64()
+                .ok_or_else(|| bad_t(format!("shape entry {d} is not a non-negative integer")))?;
             shape.push(usize::try_from(d).map_err(|_| bad_t(format!("dimension {d} too large")))?);
         }
         let offs = e
@@ -312,7 +394,9 @@ pub fn parse_header(path: &Path, buf: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
             return Err(bad_t("data_offsets must be non-negative integers".into()));
         };
         if end < begin {
-            return Err(bad_t(format!("data_offsets [{begin}, {end}] end before they begin")));
+            return Err(bad_t(format!(
+                "data_offsets [{begin}, {end}] end before they begin"
+            )));
         }
         let nbytes = shape
             .iter()
@@ -320,7 +404,11 @@ pub fn parse_header(path: &Path, buf: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
             .ok_or_else(|| bad_t(format!("shape {shape:?} overflows")))?;
         // Zero-size tensors pass the byte count whatever their other dimensions; refuse shapes
         // whose element count would overflow all the same (it is multiplied elsewhere).
-        if shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul((d as u64).max(1))).is_none() {
+        if shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul((d as u64).max(1)))
+            .is_none()
+        {
             return Err(bad_t(format!("shape {shape:?} overflows")));
         }
         if nbytes != end - begin {
@@ -330,10 +418,18 @@ pub fn parse_header(path: &Path, buf: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
             )));
         }
         if end > data_len {
-            return Err(bad_t(format!("data_offsets [{begin}, {end}] run past the data ({data_len} bytes)")));
+            return Err(bad_t(format!(
+                "data_offsets [{begin}, {end}] run past the data ({data_len} bytes)"
+            )));
         }
         ranges.push((begin, end, tensors.len()));
-        tensors.push(TensorInfo { name: name.clone(), dtype, shape, start: header_len + begin, len: end - begin });
+        tensors.push(TensorInfo {
+            name: name.clone(),
+            dtype,
+            shape,
+            start: header_len + begin,
+            len: end - begin,
+        });
     }
     // Offsets must tile the data region exactly: contiguous, no overlap, no gap, no tail.
     ranges.sort_unstable();
@@ -341,7 +437,11 @@ pub fn parse_header(path: &Path, buf: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
     for &(b, e, i) in &ranges {
         if b != at {
             let name = &tensors[i].name;
-            let reason = if b < at { "overlaps the previous tensor" } else { "leaves a gap after the previous tensor" };
+            let reason = if b < at {
+                "overlaps the previous tensor"
+            } else {
+                "leaves a gap after the previous tensor"
+            };
             return Err(Error::BadTensor {
                 path: path.to_path_buf(),
                 tensor: name.clone(),
@@ -351,11 +451,16 @@ pub fn parse_header(path: &Path, buf: &[u8]) -> Result<(u64, Vec<TensorInfo>)> {
         at = e;
     }
     if at != data_len {
-        return Err(bad(format!("tensors cover {at} data bytes but the file holds {data_len}")));
+        return Err(bad(format!(
+            "tensors cover {at} data bytes but the file holds {data_len}"
+        )));
     }
     let order: Vec<usize> = ranges.iter().map(|r| r.2).collect();
     let mut slots: Vec<Option<TensorInfo>> = tensors.into_iter().map(Some).collect();
-    let tensors = order.into_iter().filter_map(|i| slots.get_mut(i).and_then(Option::take)).collect();
+    let tensors = order
+        .into_iter()
+        .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+        .collect();
     Ok((header_len, tensors))
 }
 
@@ -371,7 +476,9 @@ mod tests {
     }
 
     fn err(buf: &[u8]) -> String {
-        parse_header(Path::new("x.safetensors"), buf).unwrap_err().to_string()
+        parse_header(Path::new("x.safetensors"), buf)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -379,7 +486,10 @@ mod tests {
         let h = r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"BF16","shape":[2,3],"data_offsets":[4,16]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
         let (len, ts) = parse_header(Path::new("x"), &file(h, 16)).unwrap();
         assert_eq!(len, 8 + h.len() as u64);
-        assert_eq!(ts.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            ts.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert_eq!(ts[1].start, len + 4);
         assert_eq!(ts[1].rows_cols(), (2, 3));
     }
@@ -395,18 +505,42 @@ mod tests {
         assert!(err(&file("{nope", 0)).contains("not JSON"));
         assert!(err(&file("[1]", 0)).contains("start with"));
         let t = |s: &str, d| err(&file(s, d));
-        assert!(t(r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#, 1).contains("unknown dtype"));
-        assert!(t(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4).contains("needs 8 bytes"));
-        assert!(t(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 2).contains("run past the data"));
-        assert!(t(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#, 4).contains("end before"));
-        assert!(t(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 8).contains("file holds 8"));
+        assert!(t(
+            r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#,
+            1
+        )
+        .contains("unknown dtype"));
+        assert!(t(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+            4
+        )
+        .contains("needs 8 bytes"));
+        assert!(t(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            2
+        )
+        .contains("run past the data"));
+        assert!(t(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+            4
+        )
+        .contains("end before"));
+        assert!(t(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            8
+        )
+        .contains("file holds 8"));
         let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
         assert!(t(overlap, 8).contains("overlaps"));
         let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
         assert!(t(gap, 12).contains("gap"));
         let huge = r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#;
         assert!(t(huge, 4).contains("overflows"));
-        assert!(t(r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, 4).contains("non-negative"));
+        assert!(t(
+            r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+            4
+        )
+        .contains("non-negative"));
         assert!(t(r#"{"__metadata__":{"k":1}}"#, 0).contains("__metadata__"));
     }
 
@@ -414,13 +548,40 @@ mod tests {
     fn directories_without_checkpoints_are_named() {
         let d = std::env::temp_dir().join(format!("aoe-ck-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
-        assert!(matches!(Checkpoint::open(&d), Err(Error::NoCheckpoint { .. })));
-        assert!(matches!(Checkpoint::open(&d.join("missing")), Err(Error::Io { .. })));
-        std::fs::write(d.join(INDEX_NAME), r#"{"weight_map":{"a":"../etc/passwd"}}"#).unwrap();
-        assert!(matches!(Checkpoint::open(&d), Err(Error::BadShardName { .. })));
-        std::fs::write(d.join(INDEX_NAME), r#"{"weight_map":{"a":"s.safetensors"}}"#).unwrap();
-        std::fs::write(d.join("s.safetensors"), file(r#"{"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 4)).unwrap();
-        assert!(matches!(Checkpoint::open(&d), Err(Error::IndexMismatch { .. })));
+        assert!(matches!(
+            Checkpoint::open(&d),
+            Err(Error::NoCheckpoint { .. })
+        ));
+        assert!(matches!(
+            Checkpoint::open(&d.join("missing")),
+            Err(Error::Io { .. })
+        ));
+        std::fs::write(
+            d.join(INDEX_NAME),
+            r#"{"weight_map":{"a":"../etc/passwd"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            Checkpoint::open(&d),
+            Err(Error::BadShardName { .. })
+        ));
+        std::fs::write(
+            d.join(INDEX_NAME),
+            r#"{"weight_map":{"a":"s.safetensors"}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("s.safetensors"),
+            file(
+                r#"{"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                4,
+            ),
+        )
+        .unwrap();
+        assert!(matches!(
+            Checkpoint::open(&d),
+            Err(Error::IndexMismatch { .. })
+        ));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -23,7 +23,12 @@ pub struct RecipeArgs {
     #[arg(long, value_name = "X", allow_negative_numbers = true)]
     pub lambda: Option<f64>,
     /// One weight per model, base first, e.g. 0.2,0.3,0.5.
-    #[arg(long, value_name = "W1,W2,...", value_delimiter = ',', allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "W1,W2,...",
+        value_delimiter = ',',
+        allow_negative_numbers = true
+    )]
     pub weights: Option<Vec<f64>>,
     /// Mix a selected tensor only if its normalized difference to the base exceeds D [default: 0].
     #[arg(long, value_name = "D", allow_negative_numbers = true)]
@@ -80,7 +85,12 @@ pub fn config_path() -> Option<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
         return Some(PathBuf::from(x).join("aoe").join("config.json"));
     }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config").join("aoe").join("config.json"))
+    std::env::var_os("HOME").map(|h| {
+        PathBuf::from(h)
+            .join(".config")
+            .join("aoe")
+            .join("config.json")
+    })
 }
 
 /// Defaults from the config file, overridden by `AOE_BASE` and `AOE_PARENTS` (colon-separated).
@@ -105,9 +115,11 @@ pub fn byte_progress(total: u64, what: &str) -> ProgressBar {
         pb.set_draw_target(ProgressDrawTarget::hidden());
     }
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -116,9 +128,13 @@ pub fn byte_progress(total: u64, what: &str) -> ProgressBar {
 /// Parses a byte size such as 512M, 2G, 2GiB, 1048576.
 pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 512M, 2G)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 2G)"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" | "kib" => 1024.0,

@@ -23,21 +23,42 @@ pub enum Error {
     /// A safetensors header that fails validation.
     BadHeader { path: PathBuf, reason: String },
     /// A tensor in a header that fails validation (dtype, shape, offsets).
-    BadTensor { path: PathBuf, tensor: String, reason: String },
+    BadTensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
     /// A tensor the index routes to a shard that does not hold it.
-    IndexMismatch { path: PathBuf, tensor: String, shard: String },
+    IndexMismatch {
+        path: PathBuf,
+        tensor: String,
+        shard: String,
+    },
     /// The same tensor name in two shards.
     DuplicateTensor { path: PathBuf, tensor: String },
     /// A tensor of the base that a parent lacks.
     MissingTensor { parent: PathBuf, tensor: String },
     /// Shapes that differ between base and a parent.
-    ShapeMismatch { parent: PathBuf, tensor: String, base: Vec<usize>, other: Vec<usize> },
+    ShapeMismatch {
+        parent: PathBuf,
+        tensor: String,
+        base: Vec<usize>,
+        other: Vec<usize>,
+    },
     /// A dtype aoe cannot mix, met where mixing is required.
-    UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
+    UnsupportedDtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
     /// A recipe that is invalid as written.
     BadRecipe { reason: String },
     /// The number of weights does not match the number of models.
-    WeightCount { expected: usize, got: usize, context: String },
+    WeightCount {
+        expected: usize,
+        got: usize,
+        context: String,
+    },
     /// A NaN or infinite weight.
     NonFiniteWeight { context: String },
     /// Weights outside [0, 1] or not summing to 1 without `--allow-extrapolation`.
@@ -61,7 +82,10 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -76,7 +100,9 @@ impl fmt::Display for Error {
                 "{}: not a checkpoint (no model.safetensors.index.json or model.safetensors)",
                 path.display()
             ),
-            BadIndex { path, reason } => write!(f, "{}: malformed index: {}", path.display(), reason),
+            BadIndex { path, reason } => {
+                write!(f, "{}: malformed index: {}", path.display(), reason)
+            }
             BadShardName { path, shard } => write!(
                 f,
                 "{}: index names shard {:?}, which is not a file name in this directory",
@@ -84,12 +110,25 @@ impl fmt::Display for Error {
                 shard
             ),
             BadHeader { path, reason } => {
-                write!(f, "{}: malformed safetensors header: {}", path.display(), reason)
+                write!(
+                    f,
+                    "{}: malformed safetensors header: {}",
+                    path.display(),
+                    reason
+                )
             }
-            BadTensor { path, tensor, reason } => {
+            BadTensor {
+                path,
+                tensor,
+                reason,
+            } => {
                 write!(f, "{}: tensor {}: {}", path.display(), tensor, reason)
             }
-            IndexMismatch { path, tensor, shard } => write!(
+            IndexMismatch {
+                path,
+                tensor,
+                shard,
+            } => write!(
                 f,
                 "{}: index routes tensor {} to {}, which does not hold it",
                 path.display(),
@@ -97,12 +136,27 @@ impl fmt::Display for Error {
                 shard
             ),
             DuplicateTensor { path, tensor } => {
-                write!(f, "{}: tensor {} appears in more than one shard", path.display(), tensor)
+                write!(
+                    f,
+                    "{}: tensor {} appears in more than one shard",
+                    path.display(),
+                    tensor
+                )
             }
             MissingTensor { parent, tensor } => {
-                write!(f, "{}: tensor {} is missing (the base has it)", parent.display(), tensor)
+                write!(
+                    f,
+                    "{}: tensor {} is missing (the base has it)",
+                    parent.display(),
+                    tensor
+                )
             }
-            ShapeMismatch { parent, tensor, base, other } => write!(
+            ShapeMismatch {
+                parent,
+                tensor,
+                base,
+                other,
+            } => write!(
                 f,
                 "{}: tensor {} has shape {:?}, the base has {:?}",
                 parent.display(),
@@ -110,7 +164,11 @@ impl fmt::Display for Error {
                 other,
                 base
             ),
-            UnsupportedDtype { path, tensor, dtype } => write!(
+            UnsupportedDtype {
+                path,
+                tensor,
+                dtype,
+            } => write!(
                 f,
                 "{}: tensor {}: dtype {} cannot be interpolated",
                 path.display(),
@@ -118,7 +176,11 @@ impl fmt::Display for Error {
                 dtype
             ),
             BadRecipe { reason } => write!(f, "bad recipe: {reason}"),
-            WeightCount { expected, got, context } => write!(
+            WeightCount {
+                expected,
+                got,
+                context,
+            } => write!(
                 f,
                 "{context}: {got} weights given, {expected} needed (one per model, base first)"
             ),

@@ -238,27 +238,42 @@ fn file_ino(v: usize, i: usize) -> u64 {
 /// opened in parallel (one short-lived thread each, all joined before returning, so that the
 /// caller may still fork).
 pub fn open_engine(base: &Path, parents: &[PathBuf], eng: &EngineOptions) -> Result<Arc<Engine>> {
-    let dirs: Vec<&Path> = std::iter::once(base).chain(parents.iter().map(PathBuf::as_path)).collect();
+    let dirs: Vec<&Path> = std::iter::once(base)
+        .chain(parents.iter().map(PathBuf::as_path))
+        .collect();
     let opened: Vec<Result<Checkpoint>> = std::thread::scope(|s| {
-        let handles: Vec<_> = dirs.iter().map(|d| s.spawn(move || Checkpoint::open(d))).collect();
+        let handles: Vec<_> = dirs
+            .iter()
+            .map(|d| s.spawn(move || Checkpoint::open(d)))
+            .collect();
         handles
             .into_iter()
             .zip(&dirs)
             .map(|(h, d)| {
                 h.join().unwrap_or_else(|_| {
-                    Err(Error::BadHeader { path: d.to_path_buf(), reason: "checkpoint reader panicked".into() })
+                    Err(Error::BadHeader {
+                        path: d.to_path_buf(),
+                        reason: "checkpoint reader panicked".into(),
+                    })
                 })
             })
             .collect()
     });
     // The first failure in recipe order, as opening them one by one would report.
-    let list = opened.into_iter().map(|r| r.map(Arc::new)).collect::<Result<Vec<_>>>()?;
+    let list = opened
+        .into_iter()
+        .map(|r| r.map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
     let models = Models { list };
-    let chunk = eng.chunk_bytes.unwrap_or_else(|| mount_chunk_bytes(eng.cache_bytes));
+    let chunk = eng
+        .chunk_bytes
+        .unwrap_or_else(|| mount_chunk_bytes(eng.cache_bytes));
     let engine = Engine::new(models, eng.stats_dir.as_deref(), eng.cache_bytes, chunk);
     // Idle buffers count against memory too: a small pool keeps RSS near the budget while
     // still reusing buffers (each eviction hands one to the next computation).
-    engine.cache.set_pool_limit((eng.cache_bytes / 8).clamp(2 << 20, 16 << 20));
+    engine
+        .cache
+        .set_pool_limit((eng.cache_bytes / 8).clamp(2 << 20, 16 << 20));
     Ok(Arc::new(engine))
 }
 
@@ -290,22 +305,35 @@ impl Fs {
         opts: FsOptions,
     ) -> Result<Fs> {
         let bad = |reason: String| Error::BadRecipe { reason };
-        let base =
-            template.base.clone().ok_or_else(|| bad("--variants needs the base model: give --base DIR".into()))?;
+        let base = template
+            .base
+            .clone()
+            .ok_or_else(|| bad("--variants needs the base model: give --base DIR".into()))?;
         let parents = template.parents.clone().unwrap_or_default();
         if parents.is_empty() {
-            return Err(bad("--variants needs at least one parent besides the base: give --parent DIR".into()));
+            return Err(bad(
+                "--variants needs at least one parent besides the base: give --parent DIR".into(),
+            ));
         }
         let t = Instant::now();
         let engine = open_engine(&base, &parents, eng)?;
         let mut fs = Fs::empty(engine, Some(template), opts);
-        fs.startup = format!("parents opened in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+        fs.startup = format!(
+            "parents opened in {:.0} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
         for (name, spec) in sweep {
             check_variant_name(&name).map_err(|r| bad(format!("sweep entry {name:?}: {r}")))?;
-            fs.check_same_models(&spec).map_err(|r| bad(format!("sweep entry {name:?}: {r}")))?;
+            fs.check_same_models(&spec)
+                .map_err(|r| bad(format!("sweep entry {name:?}: {r}")))?;
             let recipe = fs.template_spec().merge(spec).resolve()?;
             let child = fs.child_for(recipe)?;
-            if fs.names.read().unwrap_or_else(|e| e.into_inner()).contains_key(&name) {
+            if fs
+                .names
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&name)
+            {
                 return Err(bad(format!("sweep entry {name:?} appears twice")));
             }
             fs.push_variant(name, child);
@@ -314,8 +342,13 @@ impl Fs {
     }
 
     fn empty(engine: Arc<Engine>, template: Option<RecipeSpec>, opts: FsOptions) -> Fs {
-        let mtime =
-            engine.models.list.iter().flat_map(|c| c.shards.iter().map(|s| s.mtime)).max().unwrap_or(UNIX_EPOCH);
+        let mtime = engine
+            .models
+            .list
+            .iter()
+            .flat_map(|c| c.shards.iter().map(|s| s.mtime))
+            .max()
+            .unwrap_or(UNIX_EPOCH);
         Fs {
             engine,
             template,
@@ -369,7 +402,10 @@ impl Fs {
 
     /// The variants made so far, in creation order.
     pub fn variant_list(&self) -> Vec<Arc<Variant>> {
-        self.variants.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.variants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn template_spec(&self) -> RecipeSpec {
@@ -377,7 +413,11 @@ impl Fs {
     }
 
     fn variant(&self, v: usize) -> Option<Arc<Variant>> {
-        self.variants.read().unwrap_or_else(|e| e.into_inner()).get(v).cloned()
+        self.variants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(v)
+            .cloned()
     }
 
     fn push_variant(&self, name: String, child: Arc<Child>) -> usize {
@@ -385,15 +425,25 @@ impl Fs {
             .files
             .iter()
             .map(|f| match &f.kind {
-                FileKind::Passthrough(p) => std::fs::metadata(p).and_then(|m| m.modified()).unwrap_or(self.mtime),
+                FileKind::Passthrough(p) => std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(self.mtime),
                 FileKind::Shard(_) | FileKind::Recipe => self.mtime,
             })
             .collect();
         let mut vs = self.variants.write().unwrap_or_else(|e| e.into_inner());
-        vs.push(Arc::new(Variant { name: name.clone(), child, served: AtomicU64::new(0), mtimes }));
+        vs.push(Arc::new(Variant {
+            name: name.clone(),
+            child,
+            served: AtomicU64::new(0),
+            mtimes,
+        }));
         let k = vs.len() - 1;
         drop(vs);
-        self.names.write().unwrap_or_else(|e| e.into_inner()).insert(name, k);
+        self.names
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, k);
         k
     }
 
@@ -416,10 +466,20 @@ impl Fs {
     /// Refuses a sweep recipe that names other models than the mount's.
     fn check_same_models(&self, spec: &RecipeSpec) -> std::result::Result<(), String> {
         let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-        let dirs: Vec<PathBuf> = self.engine.models.list.iter().map(|c| c.dir.clone()).collect();
+        let dirs: Vec<PathBuf> = self
+            .engine
+            .models
+            .list
+            .iter()
+            .map(|c| c.dir.clone())
+            .collect();
         if let Some(b) = &spec.base {
             if canon(b) != dirs[0] {
-                return Err(format!("names base {}, the mount's base is {}", b.display(), dirs[0].display()));
+                return Err(format!(
+                    "names base {}, the mount's base is {}",
+                    b.display(),
+                    dirs[0].display()
+                ));
             }
         }
         if let Some(ps) = &spec.parents {
@@ -433,20 +493,37 @@ impl Fs {
 
     /// Creates (or finds) the variant called `name`.
     fn variant_by_name(&self, name: &str) -> std::result::Result<usize, String> {
-        if let Some(&k) = self.names.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+        if let Some(&k) = self
+            .names
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
             return Ok(k);
         }
         check_variant_name(name)?;
         let spec = RecipeSpec::from_variant_name(name).map_err(|e| e.to_string())?;
-        let recipe = self.template_spec().merge(spec).resolve().map_err(|e| e.to_string())?;
+        let recipe = self
+            .template_spec()
+            .merge(spec)
+            .resolve()
+            .map_err(|e| e.to_string())?;
         let _g = self.create.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&k) = self.names.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+        if let Some(&k) = self
+            .names
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
             return Ok(k);
         }
         let t = Instant::now();
         let child = self.child_for(recipe).map_err(|e| e.to_string())?;
         let k = self.push_variant(name.to_string(), child);
-        log(&format!("variant {name:?} created in {:.1} ms", t.elapsed().as_secs_f64() * 1e3));
+        log(&format!(
+            "variant {name:?} created in {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        ));
         Ok(k)
     }
 
@@ -517,7 +594,9 @@ impl Fs {
     /// that does not exist yet is created; an invalid one is refused (ENOENT) with a log line.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> std::result::Result<Attr, FsError> {
         let node = self.node(parent)?;
-        let Some(name) = name.to_str() else { return Err(FsError::NotFound) };
+        let Some(name) = name.to_str() else {
+            return Err(FsError::NotFound);
+        };
         match node {
             Node::File(..) => Err(FsError::NotDir),
             Node::Root if self.is_variants() => match self.variant_by_name(name) {
@@ -540,7 +619,10 @@ impl Fs {
     }
 
     fn log_refusal(&self, name: &str, why: &str) {
-        let mut seen = self.refused_logged.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self
+            .refused_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if seen.len() < 10_000 && seen.insert(name.to_string()) {
             log(&format!("no variant {name:?}: {why}"));
         }
@@ -550,8 +632,16 @@ impl Fs {
     pub fn readdir(&self, ino: u64) -> std::result::Result<Vec<DirEntry>, FsError> {
         let node = self.node(ino)?;
         let mut out = vec![
-            DirEntry { ino, kind: Kind::Dir, name: ".".into() },
-            DirEntry { ino: ROOT, kind: Kind::Dir, name: "..".into() },
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: ROOT,
+                kind: Kind::Dir,
+                name: "..".into(),
+            },
         ];
         let files_of = |v: usize, out: &mut Vec<DirEntry>| -> std::result::Result<(), FsError> {
             let var = self.variant(v).ok_or(FsError::NotFound)?;
@@ -581,7 +671,9 @@ impl Fs {
     /// Opens inode `ino` with open(2) `flags`; returns a file handle. Anything that could
     /// write is refused with EROFS; `O_DIRECT` is served like any other open.
     pub fn open(&self, ino: u64, flags: i32) -> std::result::Result<u64, FsError> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) != 0 {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY
+            || flags & (libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) != 0
+        {
             return Err(FsError::ReadOnly);
         }
         match self.node(ino)? {
@@ -590,13 +682,25 @@ impl Fs {
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.counters.opens.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Handle { ino, seq: SeqState::default() });
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                fh,
+                Handle {
+                    ino,
+                    seq: SeqState::default(),
+                },
+            );
         Ok(fh)
     }
 
     /// Forgets a file handle.
     pub fn release(&self, fh: u64) {
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
     }
 
     /// Opens directory `ino` (checks that it is one).
@@ -609,7 +713,13 @@ impl Fs {
 
     /// Reads file `ino` at `offset` into `buf` (full unless at the end of the file); returns
     /// the bytes read. Errors are logged and become [`FsError::Io`].
-    pub fn read(&self, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> std::result::Result<usize, FsError> {
+    pub fn read(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<usize, FsError> {
         let (v, i) = match self.node(ino)? {
             Node::File(v, i) => (v, i),
             _ => return Err(FsError::IsDir),
@@ -618,7 +728,9 @@ impl Fs {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         match var.child.read(i, offset, buf) {
             Ok(n) => {
-                self.counters.bytes_served.fetch_add(n as u64, Ordering::Relaxed);
+                self.counters
+                    .bytes_served
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 var.served.fetch_add(n as u64, Ordering::Relaxed);
                 self.after_read(&var, v, i, fh, offset, n as u64);
                 Ok(n)
@@ -626,23 +738,36 @@ impl Fs {
             Err(e) => {
                 self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
                 let file = var.child.files.get(i).map_or("?", |f| f.name.as_str());
-                let path = if var.name.is_empty() { file.to_string() } else { format!("{}/{file}", var.name) };
-                log(&format!("read error (EIO) in {path} at {offset}+{}: {e}", buf.len()));
+                let path = if var.name.is_empty() {
+                    file.to_string()
+                } else {
+                    format!("{}/{file}", var.name)
+                };
+                log(&format!(
+                    "read error (EIO) in {path} at {offset}+{}: {e}",
+                    buf.len()
+                ));
                 Err(FsError::Io)
             }
         }
     }
 
     fn after_read(&self, var: &Arc<Variant>, v: usize, i: usize, fh: u64, offset: u64, n: u64) {
-        let Some(p) = self.prefetcher.get() else { return };
-        let Some(f) = var.child.files.get(i) else { return };
+        let Some(p) = self.prefetcher.get() else {
+            return;
+        };
+        let Some(f) = var.child.files.get(i) else {
+            return;
+        };
         if !matches!(f.kind, FileKind::Shard(_)) {
             return;
         }
         let range = {
             let mut hs = self.handles.lock().unwrap_or_else(|e| e.into_inner());
             match hs.get_mut(&fh) {
-                Some(h) if h.ino == file_ino(v, i) => h.seq.observe(offset, n, f.size, &self.opts.prefetch),
+                Some(h) if h.ino == file_ino(v, i) => {
+                    h.seq.observe(offset, n, f.size, &self.opts.prefetch)
+                }
                 _ => None,
             }
         };
@@ -662,9 +787,18 @@ impl Fs {
     /// Filesystem statistics.
     pub fn statfs(&self) -> StatFs {
         let vs = self.variants.read().unwrap_or_else(|e| e.into_inner());
-        let bytes: u64 = vs.first().map_or(0, |v| v.child.files.iter().map(|f| f.size).sum());
-        let files: u64 = vs.iter().map(|v| v.child.files.len() as u64 + 1).sum::<u64>() + 1;
-        StatFs { blocks: bytes.div_ceil(4096), files }
+        let bytes: u64 = vs
+            .first()
+            .map_or(0, |v| v.child.files.iter().map(|f| f.size).sum());
+        let files: u64 = vs
+            .iter()
+            .map(|v| v.child.files.len() as u64 + 1)
+            .sum::<u64>()
+            + 1;
+        StatFs {
+            blocks: bytes.div_ceil(4096),
+            files,
+        }
     }
 
     /// The status report as JSON.
@@ -730,7 +864,9 @@ impl Fs {
         if bytes.len() > STATUS_MAX {
             if let Some(list) = v.get_mut("variants").and_then(Value::as_array_mut) {
                 let total = list.len();
-                while serde_json::to_vec(list).map_or(0, |b| b.len()) > STATUS_MAX - 4096 && !list.is_empty() {
+                while serde_json::to_vec(list).map_or(0, |b| b.len()) > STATUS_MAX - 4096
+                    && !list.is_empty()
+                {
                     list.pop();
                 }
                 let kept = list.len();
@@ -756,10 +892,15 @@ fn check_variant_name(name: &str) -> std::result::Result<(), String> {
 /// Parses a sweep file: a JSON object mapping variant names to recipes (JSON objects with the
 /// fields of `aoe_recipe.json`, or strings in variant-name syntax).
 pub fn read_sweep(path: &Path) -> Result<Vec<(String, RecipeSpec)>> {
-    let bad = |reason: String| Error::BadRecipe { reason: format!("sweep file {}: {reason}", path.display()) };
+    let bad = |reason: String| Error::BadRecipe {
+        reason: format!("sweep file {}: {reason}", path.display()),
+    };
     let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad("must be a JSON object mapping variant names to recipes".into()))?;
+    let v: Value =
+        serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("must be a JSON object mapping variant names to recipes".into()))?;
     let mut out = Vec::with_capacity(obj.len());
     for (name, r) in obj {
         let spec = match r {
@@ -774,7 +915,11 @@ pub fn read_sweep(path: &Path) -> Result<Vec<(String, RecipeSpec)>> {
 
 /// Writes a log line with a UTC timestamp to stderr (the log file when daemonized).
 pub fn log(msg: &str) {
-    eprintln!("{} aoe-mount[{}]: {msg}", timestamp(SystemTime::now()), std::process::id());
+    eprintln!(
+        "{} aoe-mount[{}]: {msg}",
+        timestamp(SystemTime::now()),
+        std::process::id()
+    );
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
@@ -814,7 +959,11 @@ mod tests {
     }
 
     fn eng() -> EngineOptions {
-        EngineOptions { cache_bytes: 8 << 20, chunk_bytes: Some(64 << 10), stats_dir: None }
+        EngineOptions {
+            cache_bytes: 8 << 20,
+            chunk_bytes: Some(64 << 10),
+            stats_dir: None,
+        }
     }
 
     fn opts() -> FsOptions {
@@ -837,14 +986,20 @@ mod tests {
         let entries = fs.readdir(ROOT).unwrap();
         assert_eq!(entries[0].name, ".");
         assert!(entries.iter().any(|e| e.name == crate::recipe::RECIPE_FILE));
-        let shard = entries.iter().find(|e| e.name.ends_with(".safetensors")).unwrap();
+        let shard = entries
+            .iter()
+            .find(|e| e.name.ends_with(".safetensors"))
+            .unwrap();
         let a = fs.lookup(ROOT, OsStr::new(&shard.name)).unwrap();
         assert_eq!((a.ino, a.kind, a.perm), (shard.ino, Kind::File, 0o444));
         assert_eq!(fs.getattr(a.ino).unwrap(), a, "attributes are stable");
         assert_eq!(fs.lookup(ROOT, OsStr::new("nope")), Err(FsError::NotFound));
         assert_eq!(fs.lookup(a.ino, OsStr::new("x")), Err(FsError::NotDir));
         assert_eq!(fs.open(a.ino, libc::O_WRONLY), Err(FsError::ReadOnly));
-        assert_eq!(fs.open(a.ino, libc::O_RDONLY | libc::O_TRUNC), Err(FsError::ReadOnly));
+        assert_eq!(
+            fs.open(a.ino, libc::O_RDONLY | libc::O_TRUNC),
+            Err(FsError::ReadOnly)
+        );
         assert_eq!(fs.open(ROOT, libc::O_RDONLY), Err(FsError::IsDir));
         let fh = fs.open(a.ino, libc::O_RDONLY | libc::O_DIRECT).unwrap();
         // Reads in 64 KiB pieces equal one whole read, and the header is the base's.
@@ -869,32 +1024,59 @@ mod tests {
         let st = fs.status_json();
         assert_eq!(st["layout"], "single");
         assert!(st["bytes_served"].as_u64().unwrap() >= 2 * a.size);
-        let x: Value = serde_json::from_slice(&fs.getxattr(ROOT, OsStr::new(STATUS_XATTR)).unwrap()).unwrap();
+        let x: Value =
+            serde_json::from_slice(&fs.getxattr(ROOT, OsStr::new(STATUS_XATTR)).unwrap()).unwrap();
         assert_eq!(x["bytes_served"], st["bytes_served"]);
-        assert_eq!(fs.getxattr(a.ino, OsStr::new(STATUS_XATTR)), Err(FsError::NoData));
+        assert_eq!(
+            fs.getxattr(a.ino, OsStr::new(STATUS_XATTR)),
+            Err(FsError::NoData)
+        );
     }
 
     #[test]
     fn variants_layout_creates_on_lookup_and_refuses_bad_names() {
         let tmp = tempfile::tempdir().unwrap();
         let fam = tiny_family(tmp.path());
-        let template =
-            RecipeSpec { base: Some(fam[0].clone()), parents: Some(vec![fam[1].clone()]), ..Default::default() };
-        let sweep = vec![("chimera".to_string(), RecipeSpec::from_variant_name("lambda=1,subset=experts").unwrap())];
+        let template = RecipeSpec {
+            base: Some(fam[0].clone()),
+            parents: Some(vec![fam[1].clone()]),
+            ..Default::default()
+        };
+        let sweep = vec![(
+            "chimera".to_string(),
+            RecipeSpec::from_variant_name("lambda=1,subset=experts").unwrap(),
+        )];
         let fs = Fs::variants(template, sweep, &eng(), opts()).unwrap();
-        let names = |fs: &Fs| fs.readdir(ROOT).unwrap().into_iter().skip(2).map(|e| e.name).collect::<Vec<_>>();
+        let names = |fs: &Fs| {
+            fs.readdir(ROOT)
+                .unwrap()
+                .into_iter()
+                .skip(2)
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(names(&fs), vec!["chimera"]);
-        assert_eq!(fs.lookup(ROOT, OsStr::new("lambda=x")), Err(FsError::NotFound));
+        assert_eq!(
+            fs.lookup(ROOT, OsStr::new("lambda=x")),
+            Err(FsError::NotFound)
+        );
         assert_eq!(fs.lookup(ROOT, OsStr::new("a/b")), Err(FsError::NotFound));
         let d = fs.lookup(ROOT, OsStr::new("lambda=0.25")).unwrap();
         assert_eq!(d.kind, Kind::Dir);
-        assert_eq!(fs.lookup(ROOT, OsStr::new("lambda=0.25")).unwrap(), d, "the same name is the same variant");
+        assert_eq!(
+            fs.lookup(ROOT, OsStr::new("lambda=0.25")).unwrap(),
+            d,
+            "the same name is the same variant"
+        );
         assert_eq!(names(&fs), vec!["chimera", "lambda=0.25"]);
         let cfg = fs.lookup(d.ino, OsStr::new("config.json")).unwrap();
         let fh = fs.open(cfg.ino, libc::O_RDONLY).unwrap();
         let mut buf = vec![0u8; cfg.size as usize + 10];
         let n = fs.read(cfg.ino, fh, 0, &mut buf).unwrap();
-        assert_eq!(buf[..n], std::fs::read(fam[0].join("config.json")).unwrap()[..]);
+        assert_eq!(
+            buf[..n],
+            std::fs::read(fam[0].join("config.json")).unwrap()[..]
+        );
         // An alias shares the child (and so its cached chunks).
         let alias = fs.lookup(ROOT, OsStr::new("weights=0.75:0.25")).unwrap();
         assert_ne!(alias.ino, d.ino);

@@ -24,10 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fuser::{
-    AccessFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    Session, SessionACL, WriteFlags,
+    AccessFlags, Config, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, WriteFlags,
 };
 use serde_json::Value;
 
@@ -55,7 +55,9 @@ pub struct MountConfig {
 /// The default number of read workers: the cores, at least 4 (reads wait on parents' pages
 /// as well as compute), at most 16.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(4, 16)
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .clamp(4, 16)
 }
 
 fn mnt_error(path: &Path, msg: impl Into<String>) -> Error {
@@ -78,20 +80,26 @@ impl Pool {
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
             let rx = rx.clone();
-            std::thread::Builder::new().name(format!("aoe-read-{i}")).spawn(move || {
-                let mut buf: Vec<u8> = Vec::new();
-                loop {
-                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok(job) = job else { return };
-                    // A panic drops the reply, which answers EIO; the worker lives on.
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut buf)));
-                    if r.is_err() {
-                        log("a read panicked; it was answered with EIO");
+            std::thread::Builder::new()
+                .name(format!("aoe-read-{i}"))
+                .spawn(move || {
+                    let mut buf: Vec<u8> = Vec::new();
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(job) = job else { return };
+                        // A panic drops the reply, which answers EIO; the worker lives on.
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            job(&mut buf)
+                        }));
+                        if r.is_err() {
+                            log("a read panicked; it was answered with EIO");
+                        }
                     }
-                }
-            })?;
+                })?;
         }
-        Ok(Pool { tx: Mutex::new(Some(tx)) })
+        Ok(Pool {
+            tx: Mutex::new(Some(tx)),
+        })
     }
 
     fn submit(&self, job: Job) -> std::result::Result<(), Job> {
@@ -196,7 +204,16 @@ impl Filesystem for AoeFuse {
         reply.error(Errno::EINVAL);
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -284,7 +301,14 @@ impl Filesystem for AoeFuse {
         reply.error(Errno::EROFS);
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -302,7 +326,14 @@ impl Filesystem for AoeFuse {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -313,7 +344,14 @@ impl Filesystem for AoeFuse {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let entries = match self.fs.readdir(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
@@ -330,7 +368,14 @@ impl Filesystem for AoeFuse {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -339,7 +384,16 @@ impl Filesystem for AoeFuse {
         reply.statfs(s.blocks, 0, 0, s.files, 0, 4096, 255, 4096);
     }
 
-    fn setxattr(&self, _req: &Request, _ino: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -374,11 +428,29 @@ impl Filesystem for AoeFuse {
         }
     }
 
-    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
         reply.error(Errno::EROFS);
     }
 
-    fn fallocate(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _o: u64,
+        _l: u64,
+        _m: i32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -423,7 +495,10 @@ fn unescape(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -439,12 +514,18 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     let mut out = Vec::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
         if fields.len() < 5 || dash + 2 >= fields.len() {
             continue;
         }
-        let Some((maj, min)) = fields[2].split_once(':') else { continue };
-        let (Ok(major), Ok(minor)) = (maj.parse(), min.parse()) else { continue };
+        let Some((maj, min)) = fields[2].split_once(':') else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (maj.parse(), min.parse()) else {
+            continue;
+        };
         out.push(MountEntry {
             mountpoint: PathBuf::from(OsStr::from_bytes(&unescape(fields[4]))),
             major,
@@ -458,7 +539,9 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 
 /// The mounts of this process's namespace.
 pub fn mounts() -> Vec<MountEntry> {
-    std::fs::read_to_string("/proc/self/mountinfo").map(|t| parse_mountinfo(&t)).unwrap_or_default()
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| parse_mountinfo(&t))
+        .unwrap_or_default()
 }
 
 /// An absolute form of `p` found without touching `p` itself (which may be a dead mount):
@@ -466,7 +549,10 @@ pub fn mounts() -> Vec<MountEntry> {
 pub fn mount_path(p: &Path) -> PathBuf {
     let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     match (abs.parent(), abs.file_name()) {
-        (Some(parent), Some(name)) => parent.canonicalize().unwrap_or_else(|_| parent.to_path_buf()).join(name),
+        (Some(parent), Some(name)) => parent
+            .canonicalize()
+            .unwrap_or_else(|_| parent.to_path_buf())
+            .join(name),
         _ => abs,
     }
 }
@@ -484,7 +570,8 @@ pub fn check_mountpoint(p: &Path) -> Result<PathBuf> {
     let target = p.canonicalize().unwrap_or_else(|_| mount_path(p));
     if let Some(m) = mount_at(&target) {
         // Listing always reaches the daemon (attributes may be cached by the kernel).
-        let dead = std::fs::read_dir(p).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN);
+        let dead =
+            std::fs::read_dir(p).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN);
         let msg = if dead {
             format!(
                 "is already mounted ({}) and its daemon is gone; clear it with `aoe-mount --unmount {}`",
@@ -492,16 +579,23 @@ pub fn check_mountpoint(p: &Path) -> Result<PathBuf> {
                 p.display()
             )
         } else if m.fstype.starts_with("fuse") && m.source == "aoe" {
-            format!("is already an aoe mount; unmount it first (`aoe-mount --unmount {}`)", p.display())
+            format!(
+                "is already an aoe mount; unmount it first (`aoe-mount --unmount {}`)",
+                p.display()
+            )
         } else {
-            format!("is already a mount point ({}); unmount it or choose another directory", m.fstype)
+            format!(
+                "is already a mount point ({}); unmount it or choose another directory",
+                m.fstype
+            )
         };
         return Err(mnt_error(p, msg));
     }
     match std::fs::metadata(p) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(mnt_error(p, "mount point does not exist (create an empty directory first)"))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(mnt_error(
+            p,
+            "mount point does not exist (create an empty directory first)",
+        )),
         Err(e) => Err(Error::io(p, e)),
         Ok(m) if !m.is_dir() => Err(mnt_error(p, "mount point is not a directory")),
         Ok(_) => p.canonicalize().map_err(|e| Error::io(p, e)),
@@ -513,8 +607,8 @@ fn cstring(p: &Path) -> Result<CString> {
 }
 
 fn umount2(p: &Path, flags: i32) -> std::io::Result<()> {
-    let c =
-        CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let c = CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: a valid NUL-terminated path and plain flags.
     if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         Ok(())
@@ -559,22 +653,31 @@ pub fn unmount(p: &Path) -> Result<String> {
             return Ok(format!("unmounted {} with {tool}", at.display()));
         }
     }
-    let err = umount2(&at, libc::MNT_DETACH).err().map_or_else(String::new, |e| e.to_string());
+    let err = umount2(&at, libc::MNT_DETACH)
+        .err()
+        .map_or_else(String::new, |e| e.to_string());
     Err(mnt_error(p, format!("cannot unmount: {err}")))
 }
 
 /// Sets the `read_ahead_kb` of the mount at `p`'s backing device.
 pub fn set_read_ahead(p: &Path, kb: u32) -> Result<PathBuf> {
     let m = mount_at(p).ok_or_else(|| mnt_error(p, "is not a mount point"))?;
-    let knob = PathBuf::from(format!("/sys/class/bdi/{}:{}/read_ahead_kb", m.major, m.minor));
+    let knob = PathBuf::from(format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        m.major, m.minor
+    ));
     std::fs::write(&knob, format!("{kb}\n")).map_err(|e| Error::io(&knob, e))?;
     Ok(knob)
 }
 
 /// Aborts a FUSE connection (its pending and future requests fail), given the mount's device.
 fn abort_connection(dev: Option<(u32, u32)>) -> Result<()> {
-    let (major, minor) = dev.ok_or_else(|| mnt_error(Path::new("/sys/fs/fuse/connections"), "unknown connection"))?;
-    let knob = PathBuf::from(format!("/sys/fs/fuse/connections/{}/abort", (major << 20) | minor));
+    let (major, minor) =
+        dev.ok_or_else(|| mnt_error(Path::new("/sys/fs/fuse/connections"), "unknown connection"))?;
+    let knob = PathBuf::from(format!(
+        "/sys/fs/fuse/connections/{}/abort",
+        (major << 20) | minor
+    ));
     std::fs::write(&knob, "1").map_err(|e| Error::io(&knob, e))
 }
 
@@ -591,7 +694,10 @@ pub struct Ready {
 impl Ready {
     /// For a foreground mount.
     pub fn foreground() -> Ready {
-        Ready { pipe: None, sent: false }
+        Ready {
+            pipe: None,
+            sent: false,
+        }
     }
 
     fn send(&mut self, outcome: std::result::Result<String, String>) {
@@ -647,8 +753,12 @@ fn serve_inner(fs: Fs, cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 
     let fs = Arc::new(fs);
-    fs.start_prefetch(cfg.prefetch_threads).map_err(|e| mnt_error(mnt, format!("starting prefetch threads: {e}")))?;
-    let pool = Arc::new(Pool::start(cfg.threads).map_err(|e| mnt_error(mnt, format!("starting read threads: {e}")))?);
+    fs.start_prefetch(cfg.prefetch_threads)
+        .map_err(|e| mnt_error(mnt, format!("starting prefetch threads: {e}")))?;
+    let pool = Arc::new(
+        Pool::start(cfg.threads)
+            .map_err(|e| mnt_error(mnt, format!("starting read threads: {e}")))?,
+    );
 
     let mut config = Config::default();
     config.mount_options = vec![
@@ -667,8 +777,15 @@ fn serve_inner(fs: Fs, cfg: &MountConfig, ready: &mut Ready) -> Result<()> {
     config.clone_fd = true;
 
     let t = Instant::now();
-    let mut session = Session::new(AoeFuse { fs: fs.clone(), pool: pool.clone() }, mnt, &config)
-        .map_err(|e| mnt_error(mnt, format!("cannot mount: {e}")))?;
+    let mut session = Session::new(
+        AoeFuse {
+            fs: fs.clone(),
+            pool: pool.clone(),
+        },
+        mnt,
+        &config,
+    )
+    .map_err(|e| mnt_error(mnt, format!("cannot mount: {e}")))?;
     let mut unmounter = session.unmount_callable();
     let session_thread = std::thread::Builder::new()
         .name("aoe-session".into())
@@ -768,20 +885,34 @@ pub fn spawn_daemon(fs: Fs, cfg: &MountConfig, log_file: &Path) -> Result<u32> {
     if let Some(dir) = log_file.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let log =
-        std::fs::OpenOptions::new().create(true).append(true).open(log_file).map_err(|e| Error::io(log_file, e))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file)
+        .map_err(|e| Error::io(log_file, e))?;
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 fills two fds we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(mnt_error(&cfg.mountpoint, format!("pipe: {}", std::io::Error::last_os_error())));
+        return Err(mnt_error(
+            &cfg.mountpoint,
+            format!("pipe: {}", std::io::Error::last_os_error()),
+        ));
     }
     // SAFETY: the fds were just created and are owned here.
-    let (mut rd, wr) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
+    let (mut rd, wr) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
     // SAFETY: the process is single-threaded here (the caller's contract), so the child may
     // run arbitrary code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(mnt_error(&cfg.mountpoint, format!("fork: {}", std::io::Error::last_os_error())));
+        return Err(mnt_error(
+            &cfg.mountpoint,
+            format!("fork: {}", std::io::Error::last_os_error()),
+        ));
     }
     if pid == 0 {
         drop(rd);
@@ -799,7 +930,10 @@ pub fn spawn_daemon(fs: Fs, cfg: &MountConfig, log_file: &Path) -> Result<u32> {
         }
         drop(log);
         let _ = std::env::set_current_dir("/");
-        let mut ready = Ready { pipe: Some(wr), sent: false };
+        let mut ready = Ready {
+            pipe: Some(wr),
+            sent: false,
+        };
         let code = match serve(fs, cfg, &mut ready) {
             Ok(()) => 0,
             Err(_) => 1,
@@ -825,8 +959,16 @@ pub fn spawn_daemon(fs: Fs, cfg: &MountConfig, log_file: &Path) -> Result<u32> {
     let e = msg
         .strip_prefix("ERR ")
         .map(|m| m.trim_end().to_string())
-        .unwrap_or_else(|| format!("the mount daemon exited before mounting; see {}", log_file.display()));
-    Err(Error::BadOutput { path: cfg.mountpoint.clone(), reason: e })
+        .unwrap_or_else(|| {
+            format!(
+                "the mount daemon exited before mounting; see {}",
+                log_file.display()
+            )
+        });
+    Err(Error::BadOutput {
+        path: cfg.mountpoint.clone(),
+        reason: e,
+    })
 }
 
 // ----------------------------------------------------------------------------------------
@@ -835,10 +977,18 @@ pub fn spawn_daemon(fs: Fs, cfg: &MountConfig, log_file: &Path) -> Result<u32> {
 /// The status report of the mount at `mountpoint` (the root's [`STATUS_XATTR`]).
 pub fn status_json(mountpoint: &Path) -> Result<Value> {
     let c = cstring(mountpoint)?;
-    let name = CString::new(STATUS_XATTR).map_err(|_| mnt_error(mountpoint, "bad attribute name"))?;
+    let name =
+        CString::new(STATUS_XATTR).map_err(|_| mnt_error(mountpoint, "bad attribute name"))?;
     let mut buf = vec![0u8; 64 << 10];
     // SAFETY: valid C strings and a buffer of the given length.
-    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+        )
+    };
     if n < 0 {
         let e = std::io::Error::last_os_error();
         let msg = match e.raw_os_error() {
@@ -854,7 +1004,8 @@ pub fn status_json(mountpoint: &Path) -> Result<Value> {
         return Err(mnt_error(mountpoint, msg));
     }
     buf.truncate(n as usize);
-    serde_json::from_slice(&buf).map_err(|e| mnt_error(mountpoint, format!("unreadable status report: {e}")))
+    serde_json::from_slice(&buf)
+        .map_err(|e| mnt_error(mountpoint, format!("unreadable status report: {e}")))
 }
 
 fn gb(x: u64) -> String {
@@ -868,7 +1019,10 @@ fn gb(x: u64) -> String {
 fn describe_recipe(r: &Value) -> String {
     let mut parts = Vec::new();
     if let Some(w) = r.get("weights").and_then(Value::as_array) {
-        let w: Vec<String> = w.iter().map(|x| x.as_f64().map_or("?".into(), |f| format!("{f}"))).collect();
+        let w: Vec<String> = w
+            .iter()
+            .map(|x| x.as_f64().map_or("?".into(), |f| format!("{f}")))
+            .collect();
         parts.push(format!("weights [{}]", w.join(", ")));
     }
     if let Some(d) = r.get("delta").and_then(Value::as_f64) {
@@ -881,7 +1035,11 @@ fn describe_recipe(r: &Value) -> String {
     if let Some(m) = r.get("metric").and_then(Value::as_str) {
         parts.push(format!("metric {m}"));
     }
-    if let Some(rules) = r.get("rules").and_then(Value::as_array).filter(|a| !a.is_empty()) {
+    if let Some(rules) = r
+        .get("rules")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+    {
         let rs: Vec<String> = rules
             .iter()
             .map(|x| {
@@ -922,18 +1080,34 @@ pub fn status_text(mountpoint: &Path) -> Result<String> {
     let parents: Vec<String> = v
         .get("parents")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default();
     out += &format!("parents:   {}\n", parents.join(", "));
-    let variants = v.get("variants").and_then(Value::as_array).cloned().unwrap_or_default();
+    let variants = v
+        .get("variants")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     if s("layout") == "single" {
         if let Some(r) = variants.first().and_then(|x| x.get("recipe")) {
             out += &format!("recipe:    {}\n", describe_recipe(r));
         }
     } else {
-        out += &format!("variants:  {}\n", variants.len() as u64 + u("variants_omitted"));
-        let width =
-            variants.iter().filter_map(|x| x.get("name").and_then(Value::as_str)).map(str::len).max().unwrap_or(0);
+        out += &format!(
+            "variants:  {}\n",
+            variants.len() as u64 + u("variants_omitted")
+        );
+        let width = variants
+            .iter()
+            .filter_map(|x| x.get("name").and_then(Value::as_str))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
         for x in &variants {
             let name = x.get("name").and_then(Value::as_str).unwrap_or("?");
             let r = x.get("recipe").map(describe_recipe).unwrap_or_default();
@@ -944,7 +1118,12 @@ pub fn status_text(mountpoint: &Path) -> Result<String> {
             out += &format!("  … {} more\n", u("variants_omitted"));
         }
     }
-    out += &format!("served:    {} in {} reads ({} opens)\n", gb(u("bytes_served")), u("reads"), u("opens"));
+    out += &format!(
+        "served:    {} in {} reads ({} opens)\n",
+        gb(u("bytes_served")),
+        u("reads"),
+        u("opens")
+    );
     out += &format!(
         "computed:  {} in {:.2} s of computation ({:.2} GB/s)\n",
         gb(u("bytes_computed")),
@@ -952,7 +1131,8 @@ pub fn status_text(mountpoint: &Path) -> Result<String> {
         f("compute_gbps")
     );
     let (h, m) = (u("cache_hits"), u("cache_misses"));
-    out += &format!(
+    out +=
+        &format!(
         "cache:     {h} hits, {m} misses ({:.1} % hits), holding {} of {} in chunks of {} KiB\n",
         if h + m > 0 { 100.0 * h as f64 / (h + m) as f64 } else { 0.0 },
         gb(u("cache_held")),
@@ -990,13 +1170,20 @@ pub fn default_demo_dir() -> Option<PathBuf> {
 
 /// The `aoe-mount` executable: beside the running one, else on `PATH`.
 pub fn aoe_mount_exe() -> PathBuf {
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         let p = dir.join("aoe-mount");
         if p.is_file() {
             return p;
         }
         // Test binaries live in target/*/deps; the executables one level up.
-        if let Some(p) = dir.parent().map(|d| d.join("aoe-mount")).filter(|p| p.is_file()) {
+        if let Some(p) = dir
+            .parent()
+            .map(|d| d.join("aoe-mount"))
+            .filter(|p| p.is_file())
+        {
             return p;
         }
     }
@@ -1010,7 +1197,9 @@ pub fn demo(dir: Option<PathBuf>) -> Result<String> {
     use crate::fixture::{write_family, FamilySpec};
     let dir = dir
         .or_else(default_demo_dir)
-        .ok_or_else(|| Error::BadRecipe { reason: "no cache directory: give DIR".into() })?;
+        .ok_or_else(|| Error::BadRecipe {
+            reason: "no cache directory: give DIR".into(),
+        })?;
     let family = dir.join("family");
     // Two siblings of one ancestor, as the README tells it (the demo preset has a third).
     let mut spec = FamilySpec::demo();
@@ -1068,7 +1257,13 @@ pub fn demo(dir: Option<PathBuf>) -> Result<String> {
             .output()
             .map_err(|e| Error::io(&exe, e))?;
         if !out.status.success() {
-            return Err(mnt_error(&mnt, format!("aoe-mount failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+            return Err(mnt_error(
+                &mnt,
+                format!(
+                    "aoe-mount failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
         }
     }
     let shard = std::fs::read_dir(&m1)
@@ -1129,6 +1324,9 @@ mod tests {
     #[test]
     fn recipes_are_described_in_one_line() {
         let r = serde_json::json!({"weights": [0.5, 0.5], "delta": 1.5, "subset": ["experts", "router"], "metric": "stored", "rules": []});
-        assert_eq!(describe_recipe(&r), "weights [0.5, 0.5], delta 1.5, subset experts+router, metric stored");
+        assert_eq!(
+            describe_recipe(&r),
+            "weights [0.5, 0.5], delta 1.5, subset experts+router, metric stored"
+        );
     }
 }

@@ -1589,7 +1589,11 @@ pub fn diff_sign_bytes(dtype_a: DType, a: &[u8], dtype_b: DType, b: &[u8]) -> Op
             }
         }
         DType::BF16 | DType::F16 => {
-            let (mag, inf) = if dtype_a == DType::BF16 { (0x7fff, 0x7f80) } else { (0x7fff, 0x7c00) };
+            let (mag, inf) = if dtype_a == DType::BF16 {
+                (0x7fff, 0x7f80)
+            } else {
+                (0x7fff, 0x7c00)
+            };
             for (ca, cb) in a.chunks(8192).zip(b.chunks(8192)) {
                 let mut m = 0u8;
                 for (x, y) in ca.chunks_exact(2).zip(cb.chunks_exact(2)) {
@@ -1638,7 +1642,6 @@ pub fn sign_of_sum(sum: f64) -> DiffSign {
         DiffSign::Zero
     }
 }
-
 
 /// Plain scalar reference of every kernel, written from the definitions (numpy's half-float
 /// algorithm for F16, exact rounding arithmetic for FP8 and BF16), element by element. Slow;
@@ -3231,9 +3234,26 @@ mod diff_sign_tests {
     fn specials(dt: DType) -> Vec<u32> {
         match dt {
             DType::F8E4M3 => vec![0x00, 0x80, 0x7f, 0xff, 0x01, 0x81, 0x7e, 0xfe, 0x38, 0xb8],
-            DType::BF16 => vec![0x0000, 0x8000, 0x7f80, 0xff80, 0x7fc0, 0xffc1, 0x7f81, 0x0001, 0x8001, 0x7f7f, 0x3f80, 0xbf80],
-            DType::F16 => vec![0x0000, 0x8000, 0x7c00, 0xfc00, 0x7e00, 0xfc01, 0x0001, 0x8001, 0x7bff, 0x3c00, 0xbc00],
-            _ => vec![0, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0xff80_0001, 1, 0x8000_0001, 0x7f7f_ffff, 0x3f80_0000],
+            DType::BF16 => vec![
+                0x0000, 0x8000, 0x7f80, 0xff80, 0x7fc0, 0xffc1, 0x7f81, 0x0001, 0x8001, 0x7f7f,
+                0x3f80, 0xbf80,
+            ],
+            DType::F16 => vec![
+                0x0000, 0x8000, 0x7c00, 0xfc00, 0x7e00, 0xfc01, 0x0001, 0x8001, 0x7bff, 0x3c00,
+                0xbc00,
+            ],
+            _ => vec![
+                0,
+                0x8000_0000,
+                0x7f80_0000,
+                0xff80_0000,
+                0x7fc0_0000,
+                0xff80_0001,
+                1,
+                0x8000_0001,
+                0x7f7f_ffff,
+                0x3f80_0000,
+            ],
         }
     }
 
@@ -3252,12 +3272,17 @@ mod diff_sign_tests {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for dt in [DType::F8E4M3, DType::BF16, DType::F16, DType::F32] {
             let sp = specials(dt);
-            let mask = if dt.size() == 4 { u32::MAX } else { (1u32 << (8 * dt.size())) - 1 };
+            let mask = if dt.size() == 4 {
+                u32::MAX
+            } else {
+                (1u32 << (8 * dt.size())) - 1
+            };
             // Every pair of specials, alone and inside longer random-equal tensors.
             for &x in &sp {
                 for &y in &sp {
                     for len in [1usize, 3, 4097, 9000] {
-                        let mut a: Vec<u32> = (0..len).map(|_| rng(&mut seed) as u32 & mask).collect();
+                        let mut a: Vec<u32> =
+                            (0..len).map(|_| rng(&mut seed) as u32 & mask).collect();
                         // Keep the filler free of NaN so the special decides.
                         for v in a.iter_mut() {
                             *v &= mask >> 2;
@@ -3268,7 +3293,11 @@ mod diff_sign_tests {
                         b[at] = y;
                         let (ab, bb) = (to_bytes(dt, &a), to_bytes(dt, &b));
                         let want = sign_of_sum(scalar::sum_sq_diff_bytes(dt, &ab, dt, &bb));
-                        assert_eq!(diff_sign_bytes(dt, &ab, dt, &bb), Some(want), "{dt} {x:#x} vs {y:#x} len {len}");
+                        assert_eq!(
+                            diff_sign_bytes(dt, &ab, dt, &bb),
+                            Some(want),
+                            "{dt} {x:#x} vs {y:#x} len {len}"
+                        );
                     }
                 }
             }
@@ -3284,9 +3313,16 @@ mod diff_sign_tests {
                 }
                 let (ab, bb) = (to_bytes(dt, &a), to_bytes(dt, &b));
                 let want = sign_of_sum(scalar::sum_sq_diff_bytes(dt, &ab, dt, &bb));
-                assert_eq!(diff_sign_bytes(dt, &ab, dt, &bb), Some(want), "{dt} random len {len}");
+                assert_eq!(
+                    diff_sign_bytes(dt, &ab, dt, &bb),
+                    Some(want),
+                    "{dt} random len {len}"
+                );
             }
         }
-        assert_eq!(diff_sign_bytes(DType::F8E4M3, &[1], DType::BF16, &[1, 0]), None);
+        assert_eq!(
+            diff_sign_bytes(DType::F8E4M3, &[1], DType::BF16, &[1, 0]),
+            None
+        );
     }
 }

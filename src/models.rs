@@ -36,9 +36,13 @@ impl Models {
     /// Model `i`'s copy of weight `name`, with its scales when model `i` has them.
     /// Checks presence, shape against the base, and the scale companion's dtype and shape.
     pub fn source(&self, i: usize, name: &str) -> Result<TensorSource<'_>> {
-        let ck = self.list.get(i).ok_or_else(|| Error::BadRecipe { reason: format!("no model {i}") })?;
-        let (shard, info) =
-            ck.get(name).ok_or_else(|| Error::MissingTensor { parent: ck.dir.clone(), tensor: name.to_string() })?;
+        let ck = self.list.get(i).ok_or_else(|| Error::BadRecipe {
+            reason: format!("no model {i}"),
+        })?;
+        let (shard, info) = ck.get(name).ok_or_else(|| Error::MissingTensor {
+            parent: ck.dir.clone(),
+            tensor: name.to_string(),
+        })?;
         if i > 0 {
             if let Some((_, b)) = self.base().get(name) {
                 if b.shape != info.shape {
@@ -70,7 +74,12 @@ impl Models {
             }
             _ => None,
         };
-        Ok(TensorSource { model: i, shard, info, scale })
+        Ok(TensorSource {
+            model: i,
+            shard,
+            info,
+            scale,
+        })
     }
 }
 
@@ -90,7 +99,12 @@ impl TensorSource<'_> {
     /// Reads the stored bytes of elements `[e0, e1)` into `buf` with pread and returns them.
     /// No mapping is touched, so reading the parents costs no RSS and no TLB shootdowns, and a
     /// file that shrank gives an error instead of SIGBUS. `buf` keeps its capacity for reuse.
-    pub fn read_elements<'b>(&self, e0: usize, e1: usize, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
+    pub fn read_elements<'b>(
+        &self,
+        e0: usize,
+        e1: usize,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8]> {
         use std::os::unix::fs::FileExt;
         let sz = self.info.dtype.size() as u64;
         let (start, len) = ((e0 as u64) * sz, ((e1.saturating_sub(e0)) as u64) * sz);
@@ -106,12 +120,16 @@ impl TensorSource<'_> {
             buf.resize(n, 0);
         }
         let out = &mut buf[..n];
-        self.shard.file.read_exact_at(out, self.info.start + start).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                Error::ParentChanged { path: self.shard.path.clone(), tensor: self.info.name.clone() }
-            }
-            _ => Error::io(&self.shard.path, e),
-        })?;
+        self.shard
+            .file
+            .read_exact_at(out, self.info.start + start)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::ParentChanged {
+                    path: self.shard.path.clone(),
+                    tensor: self.info.name.clone(),
+                },
+                _ => Error::io(&self.shard.path, e),
+            })?;
         Ok(out)
     }
 
@@ -119,7 +137,9 @@ impl TensorSource<'_> {
     /// Without a companion, `out` is left empty (scale 1).
     pub fn scale_rows(&self, b0: usize, b1: usize, out: &mut Vec<f32>) -> Result<()> {
         out.clear();
-        let Some((ss, si)) = self.scale else { return Ok(()) };
+        let Some((ss, si)) = self.scale else {
+            return Ok(());
+        };
         let scols = si.shape.get(1).copied().unwrap_or(1);
         let (start, len) = ((b0 * scols * 4) as u64, ((b1 - b0) * scols * 4) as u64);
         if start + len > si.len {
@@ -133,11 +153,20 @@ impl TensorSource<'_> {
         // every scale row, which adds up to hundreds of MiB of RSS over a model.
         let mut bytes = vec![0u8; len as usize];
         use std::os::unix::fs::FileExt;
-        ss.file.read_exact_at(&mut bytes, si.start + start).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => Error::ParentChanged { path: ss.path.clone(), tensor: si.name.clone() },
-            _ => Error::io(&ss.path, e),
-        })?;
-        out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        ss.file
+            .read_exact_at(&mut bytes, si.start + start)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::ParentChanged {
+                    path: ss.path.clone(),
+                    tensor: si.name.clone(),
+                },
+                _ => Error::io(&ss.path, e),
+            })?;
+        out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
         Ok(())
     }
 }

@@ -81,7 +81,11 @@ pub struct Plan {
 /// The units of a checkpoint: each `X_scale_inv` whose `X` exists joins `X`.
 pub fn units_of(models: &Models) -> Vec<Unit> {
     let base = models.base();
-    let mut names: Vec<&str> = base.shards.iter().flat_map(|s| s.tensors.iter().map(|t| t.name.as_str())).collect();
+    let mut names: Vec<&str> = base
+        .shards
+        .iter()
+        .flat_map(|s| s.tensors.iter().map(|t| t.name.as_str()))
+        .collect();
     names.sort_unstable();
     let mut units = Vec::new();
     for name in &names {
@@ -92,7 +96,12 @@ pub fn units_of(models: &Models) -> Vec<Unit> {
         }
         let scale = format!("{name}{SCALE_SUFFIX}");
         let scale = base.get(&scale).map(|_| scale);
-        units.push(Unit { weight: name.to_string(), scale, group: Group::of(name), layer: layer_of(name) });
+        units.push(Unit {
+            weight: name.to_string(),
+            scale,
+            group: Group::of(name),
+            layer: layer_of(name),
+        });
     }
     units
 }
@@ -102,11 +111,23 @@ impl Plan {
     /// be built: present in every model, same shape, mixable dtypes, consistent block scales.
     pub fn new(recipe: &Recipe, models: &Models, index: Arc<UnitIndex>) -> Result<Plan> {
         if models.list.len() != recipe.models() {
-            return Err(Error::BadRecipe { reason: "models do not match the recipe".into() });
+            return Err(Error::BadRecipe {
+                reason: "models do not match the recipe".into(),
+            });
         }
-        let intents = index.units.iter().map(|u| intent(recipe, models, u)).collect::<Result<Vec<_>>>()?;
+        let intents = index
+            .units
+            .iter()
+            .map(|u| intent(recipe, models, u))
+            .collect::<Result<Vec<_>>>()?;
         let decided = index.units.iter().map(|_| Mutex::new(None)).collect();
-        Ok(Plan { index, intents, decided, delta: recipe.delta, metric: recipe.metric })
+        Ok(Plan {
+            index,
+            intents,
+            decided,
+            delta: recipe.delta,
+            metric: recipe.metric,
+        })
     }
 
     /// The units, sorted by weight name.
@@ -126,7 +147,9 @@ impl Plan {
             None | Some(Intent::Base) => return Ok(Source::Base),
             Some(Intent::Selected(s)) => s,
         };
-        let cell = self.decided.get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
+        let cell = self.decided.get(u).ok_or_else(|| Error::BadRecipe {
+            reason: "no such unit".into(),
+        })?;
         let mut guard = cell.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = guard.as_ref() {
             return Ok(s.clone());
@@ -184,7 +207,10 @@ fn intent(recipe: &Recipe, models: &Models, u: &Unit) -> Result<Intent> {
         // base's dtype and, when the base has a companion, one of the same dtype and shape.
         let companion_ok = match &u.scale {
             None => true,
-            Some(c) => match (models.base().get(c), models.list.get(k).and_then(|m| m.get(c))) {
+            Some(c) => match (
+                models.base().get(c),
+                models.list.get(k).and_then(|m| m.get(c)),
+            ) {
                 (Some((_, bt)), Some((_, dt))) => bt.dtype == dt.dtype && bt.shape == dt.shape,
                 _ => false,
             },

@@ -43,12 +43,22 @@ impl PrefetchConfig {
     /// for tiny caches) to an eighth of the budget, at most 64 MiB.
     pub fn for_budget(budget: usize) -> PrefetchConfig {
         let max_window = ((budget / 8) as u64).min(64 << 20);
-        PrefetchConfig { initial_window: max_window.min(2 << 20), max_window, min_streak: 2, slack: 4 << 20 }
+        PrefetchConfig {
+            initial_window: max_window.min(2 << 20),
+            max_window,
+            min_streak: 2,
+            slack: 4 << 20,
+        }
     }
 
     /// A configuration that never prefetches.
     pub fn disabled() -> PrefetchConfig {
-        PrefetchConfig { initial_window: 0, max_window: 0, min_streak: u32::MAX, slack: 0 }
+        PrefetchConfig {
+            initial_window: 0,
+            max_window: 0,
+            min_streak: u32::MAX,
+            slack: 0,
+        }
     }
 }
 
@@ -68,14 +78,23 @@ pub struct SeqState {
 impl SeqState {
     /// Records a read of `len` bytes at `offset` of a file of `size` bytes and returns the range
     /// `(offset, len)` to prefetch, if any. Pure: no I/O, no clock.
-    pub fn observe(&mut self, offset: u64, len: u64, size: u64, cfg: &PrefetchConfig) -> Option<(u64, u64)> {
+    pub fn observe(
+        &mut self,
+        offset: u64,
+        len: u64,
+        size: u64,
+        cfg: &PrefetchConfig,
+    ) -> Option<(u64, u64)> {
         let end = offset.saturating_add(len).min(size);
         let sequential = self.streak > 0
             && offset >= self.next.saturating_sub(cfg.slack)
             && offset <= self.next.saturating_add(cfg.slack);
         if sequential {
             self.streak = self.streak.saturating_add(1);
-            self.window = self.window.saturating_mul(2).clamp(cfg.initial_window, cfg.max_window);
+            self.window = self
+                .window
+                .saturating_mul(2)
+                .clamp(cfg.initial_window, cfg.max_window);
             self.next = self.next.max(end);
         } else {
             self.streak = 1;
@@ -142,7 +161,12 @@ impl Prefetcher {
                 .name(format!("aoe-prefetch-{i}"))
                 .spawn(move || worker(&rx, &pending, &counters))?;
         }
-        Ok(Prefetcher { tx: Mutex::new(Some(tx)), pending, limit, counters })
+        Ok(Prefetcher {
+            tx: Mutex::new(Some(tx)),
+            pending,
+            limit,
+            counters,
+        })
     }
 
     /// Queues the warm-up of `len` bytes at `offset` of file `file` of `child`, cut into jobs
@@ -173,7 +197,12 @@ impl Prefetcher {
         }
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let sent = match guard.as_ref() {
-            Some(tx) => match tx.try_send(Job { child, file, offset, len }) {
+            Some(tx) => match tx.try_send(Job {
+                child,
+                file,
+                offset,
+                len,
+            }) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
             },
@@ -203,7 +232,9 @@ fn worker(rx: &Mutex<Receiver<Job>>, pending: &AtomicU64, counters: &PrefetchCou
         };
         let Ok(job) = job else { return };
         // A panic must not kill the worker and leave `pending` counted forever.
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| warm(&job.child, job.file, job.offset, job.len)));
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            warm(&job.child, job.file, job.offset, job.len)
+        }));
         match res {
             Ok(Ok(n)) => {
                 counters.computed.fetch_add(n, Ordering::Relaxed);
@@ -221,10 +252,16 @@ fn worker(rx: &Mutex<Receiver<Job>>, pending: &AtomicU64, counters: &PrefetchCou
 /// parents' bytes served verbatim. Returns the bytes computed. Reads nothing into memory
 /// otherwise, and never changes what a read returns (chunks are a pure function of the recipe).
 pub fn warm(child: &Child, file: usize, offset: u64, len: u64) -> Result<u64> {
-    let Some(f) = child.files.get(file) else { return Ok(0) };
-    let FileKind::Shard(s) = f.kind else { return Ok(0) };
+    let Some(f) = child.files.get(file) else {
+        return Ok(0);
+    };
+    let FileKind::Shard(s) = f.kind else {
+        return Ok(0);
+    };
     let models = &child.engine.models;
-    let Some(shard) = models.base().shards.get(s) else { return Ok(0) };
+    let Some(shard) = models.base().shards.get(s) else {
+        return Ok(0);
+    };
     let end = offset.saturating_add(len).min(shard.size);
     let first = shard.tensors.partition_point(|t| t.start + t.len <= offset);
     let mut computed = 0u64;
@@ -276,7 +313,12 @@ pub fn warm(child: &Child, file: usize, offset: u64, len: u64) -> Result<u64> {
 fn will_need(file: &std::fs::File, offset: u64, len: u64) {
     // SAFETY: posix_fadvise only takes a file descriptor we own and two integers.
     unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), offset as libc::off_t, len as libc::off_t, libc::POSIX_FADV_WILLNEED);
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        );
     }
 }
 
@@ -287,7 +329,12 @@ mod tests {
     const MB: u64 = 1 << 20;
 
     fn cfg() -> PrefetchConfig {
-        PrefetchConfig { initial_window: 2 * MB, max_window: 16 * MB, min_streak: 2, slack: 4 * MB }
+        PrefetchConfig {
+            initial_window: 2 * MB,
+            max_window: 16 * MB,
+            min_streak: 2,
+            slack: 4 * MB,
+        }
     }
 
     #[test]
@@ -307,7 +354,11 @@ mod tests {
             }
             windows.push(s.window);
         }
-        assert_eq!(windows[0], 4 * MB, "the first sequential read doubles the initial window");
+        assert_eq!(
+            windows[0],
+            4 * MB,
+            "the first sequential read doubles the initial window"
+        );
         assert!(windows.windows(2).all(|w| w[1] >= w[0]), "{windows:?}");
         assert_eq!(*windows.last().unwrap(), 16 * MB);
         assert_eq!(s.ahead, 12 * MB + 16 * MB);
@@ -328,7 +379,11 @@ mod tests {
         // Continue: the range stops at the end of the file.
         let (from, len) = s.observe(8 * MB + 100 + 4096, MB, size, &c).unwrap();
         assert_eq!(from + len, size);
-        assert_eq!(s.observe(9 * MB + 100 + 4096, MB, size, &c), None, "nothing left to prefetch");
+        assert_eq!(
+            s.observe(9 * MB + 100 + 4096, MB, size, &c),
+            None,
+            "nothing left to prefetch"
+        );
     }
 
     #[test]

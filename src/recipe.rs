@@ -85,11 +85,19 @@ impl Group {
         // One pass of a RegexSet over the name instead of one search per pattern.
         static SET: std::sync::OnceLock<(regex::RegexSet, Vec<Group>)> = std::sync::OnceLock::new();
         let (set, groups) = SET.get_or_init(|| {
-            let groups: Vec<Group> = Group::ALL.into_iter().filter(|g| g.pattern().is_some()).collect();
-            let set = regex::RegexSet::new(groups.iter().filter_map(|g| g.pattern())).expect("group patterns are valid");
+            let groups: Vec<Group> = Group::ALL
+                .into_iter()
+                .filter(|g| g.pattern().is_some())
+                .collect();
+            let set = regex::RegexSet::new(groups.iter().filter_map(|g| g.pattern()))
+                .expect("group patterns are valid");
             (set, groups)
         });
-        set.matches(name).iter().next().and_then(|i| groups.get(i).copied()).unwrap_or(Group::Other)
+        set.matches(name)
+            .iter()
+            .next()
+            .and_then(|i| groups.get(i).copied())
+            .unwrap_or(Group::Other)
     }
 }
 
@@ -102,7 +110,9 @@ impl fmt::Display for Group {
 /// The decoder layer a tensor name belongs to (`model.layers.N.`), if any.
 pub fn layer_of(name: &str) -> Option<u32> {
     let rest = name.split("layers.").nth(1)?;
-    let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())];
+    let digits: &str = &rest[..rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len())];
     digits.parse().ok()
 }
 
@@ -129,7 +139,9 @@ impl Metric {
         match s {
             "stored" => Ok(Metric::Stored),
             "dequantized" => Ok(Metric::Dequantized),
-            _ => Err(Error::BadRecipe { reason: format!("unknown metric {s:?}: use stored or dequantized") }),
+            _ => Err(Error::BadRecipe {
+                reason: format!("unknown metric {s:?}: use stored or dequantized"),
+            }),
         }
     }
 }
@@ -154,7 +166,11 @@ impl SubsetItem {
         if let Some(pat) = s.strip_prefix("re:") {
             return Ok(SubsetItem::Regex(compile(pat)?));
         }
-        Group::parse(s).map(SubsetItem::Group).ok_or_else(|| Error::UnknownSubset { name: s.to_string() })
+        Group::parse(s)
+            .map(SubsetItem::Group)
+            .ok_or_else(|| Error::UnknownSubset {
+                name: s.to_string(),
+            })
     }
 
     /// The textual form, as parsed.
@@ -179,8 +195,16 @@ fn compile(pat: &str) -> Result<Regex> {
     Regex::new(pat).map_err(|e| {
         // regex's messages draw a caret diagram over several lines; keep the last, the reason.
         let text = e.to_string();
-        let reason = text.lines().last().unwrap_or_default().trim_start_matches("error: ").to_string();
-        Error::BadRegex { pattern: pat.to_string(), reason }
+        let reason = text
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim_start_matches("error: ")
+            .to_string();
+        Error::BadRegex {
+            pattern: pat.to_string(),
+            reason,
+        }
     })
 }
 
@@ -199,7 +223,10 @@ impl Rule {
         let (pat, ws) = s.rsplit_once('=').ok_or_else(|| Error::BadRecipe {
             reason: format!("rule {s:?} is not of the form REGEX=W1,W2,..."),
         })?;
-        Ok(Rule { regex: compile(pat)?, weights: parse_weights(ws, &format!("rule {s:?}"))? })
+        Ok(Rule {
+            regex: compile(pat)?,
+            weights: parse_weights(ws, &format!("rule {s:?}"))?,
+        })
     }
 }
 
@@ -245,7 +272,9 @@ impl RecipeSpec {
             reason: format!("{}: not valid JSON: {e}", path.display()),
         })?;
         RecipeSpec::from_json(&v).map_err(|e| match e {
-            Error::BadRecipe { reason } => Error::BadRecipe { reason: format!("{}: {reason}", path.display()) },
+            Error::BadRecipe { reason } => Error::BadRecipe {
+                reason: format!("{}: {reason}", path.display()),
+            },
             other => other,
         })
     }
@@ -253,14 +282,22 @@ impl RecipeSpec {
     /// Reads a recipe from JSON; unknown keys are refused so typos do not pass silently.
     pub fn from_json(v: &Value) -> Result<RecipeSpec> {
         let bad = |reason: String| Error::BadRecipe { reason };
-        let obj = v.as_object().ok_or_else(|| bad("a recipe is a JSON object".into()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad("a recipe is a JSON object".into()))?;
         let mut spec = RecipeSpec::default();
-        let num = |k: &str, v: &Value| v.as_f64().ok_or_else(|| bad(format!("{k:?} must be a number")));
+        let num = |k: &str, v: &Value| {
+            v.as_f64()
+                .ok_or_else(|| bad(format!("{k:?} must be a number")))
+        };
         let nums = |k: &str, v: &Value| -> Result<Vec<f64>> {
             v.as_array()
                 .ok_or_else(|| bad(format!("{k:?} must be an array of numbers")))?
                 .iter()
-                .map(|x| x.as_f64().ok_or_else(|| bad(format!("{k:?} must be an array of numbers"))))
+                .map(|x| {
+                    x.as_f64()
+                        .ok_or_else(|| bad(format!("{k:?} must be an array of numbers")))
+                })
                 .collect()
         };
         let strs = |k: &str, v: &Value| -> Result<Vec<String>> {
@@ -270,25 +307,34 @@ impl RecipeSpec {
             v.as_array()
                 .ok_or_else(|| bad(format!("{k:?} must be a string or an array of strings")))?
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).ok_or_else(|| bad(format!("{k:?} must hold strings"))))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad(format!("{k:?} must hold strings")))
+                })
                 .collect()
         };
         for (k, val) in obj {
             match k.as_str() {
                 "aoe_version" => {}
                 "base" => spec.base = Some(strs(k, val)?.concat().into()),
-                "parents" => spec.parents = Some(strs(k, val)?.into_iter().map(PathBuf::from).collect()),
+                "parents" => {
+                    spec.parents = Some(strs(k, val)?.into_iter().map(PathBuf::from).collect())
+                }
                 "lambda" => spec.lambda = Some(num(k, val)?),
                 "weights" => spec.weights = Some(nums(k, val)?),
                 "delta" => spec.delta = Some(num(k, val)?),
                 "subset" => spec.subset = Some(strs(k, val)?),
                 "metric" => spec.metric = Some(strs(k, val)?.concat()),
                 "allow_extrapolation" => {
-                    spec.allow_extrapolation =
-                        Some(val.as_bool().ok_or_else(|| bad("\"allow_extrapolation\" must be true or false".into()))?)
+                    spec.allow_extrapolation = Some(val.as_bool().ok_or_else(|| {
+                        bad("\"allow_extrapolation\" must be true or false".into())
+                    })?)
                 }
                 "rules" => {
-                    let arr = val.as_array().ok_or_else(|| bad("\"rules\" must be an array".into()))?;
+                    let arr = val
+                        .as_array()
+                        .ok_or_else(|| bad("\"rules\" must be an array".into()))?;
                     let mut rules = Vec::new();
                     for r in arr {
                         if let Some(s) = r.as_str() {
@@ -302,7 +348,11 @@ impl RecipeSpec {
                                 let ws: Vec<String> = ws?.iter().map(|w| w.to_string()).collect();
                                 rules.push(format!("{p}={}", ws.join(",")));
                             }
-                            _ => return Err(bad("each rule needs \"pattern\" and \"weights\"".into())),
+                            _ => {
+                                return Err(bad(
+                                    "each rule needs \"pattern\" and \"weights\"".into()
+                                ))
+                            }
                         }
                     }
                     spec.rules = Some(rules);
@@ -316,25 +366,43 @@ impl RecipeSpec {
     /// Parses a variant name such as `lambda=0.6,subset=experts,delta=1.5` (keys as the flags,
     /// weights as `weights=0.2:0.3:0.5`, subsets joined with `+`).
     pub fn from_variant_name(name: &str) -> Result<RecipeSpec> {
-        let bad = |reason: String| Error::BadRecipe { reason: format!("variant {name:?}: {reason}") };
+        let bad = |reason: String| Error::BadRecipe {
+            reason: format!("variant {name:?}: {reason}"),
+        };
         let mut spec = RecipeSpec::default();
         for part in name.split(',') {
-            let (k, v) = part.split_once('=').ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
-            let num = || v.parse::<f64>().map_err(|_| bad(format!("{k}: {v:?} is not a number")));
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            let num = || {
+                v.parse::<f64>()
+                    .map_err(|_| bad(format!("{k}: {v:?} is not a number")))
+            };
             match k {
                 "lambda" => spec.lambda = Some(num()?),
                 "weights" => spec.weights = Some(parse_weights(v, name)?),
                 "delta" => spec.delta = Some(num()?),
-                "subset" => spec.subset.get_or_insert_with(Vec::new).extend(v.split('+').map(str::to_string)),
+                "subset" => spec
+                    .subset
+                    .get_or_insert_with(Vec::new)
+                    .extend(v.split('+').map(str::to_string)),
                 "metric" => spec.metric = Some(v.to_string()),
                 "allow-extrapolation" => {
                     spec.allow_extrapolation = Some(match v {
                         "true" | "1" | "yes" => true,
                         "false" | "0" | "no" => false,
-                        _ => return Err(bad(format!("allow-extrapolation: {v:?} is not true or false"))),
+                        _ => {
+                            return Err(bad(format!(
+                                "allow-extrapolation: {v:?} is not true or false"
+                            )))
+                        }
                     })
                 }
-                _ => return Err(bad(format!("unknown key {k:?} (use lambda, weights, delta, subset, metric)"))),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {k:?} (use lambda, weights, delta, subset, metric)"
+                    )))
+                }
             }
         }
         Ok(spec)
@@ -346,8 +414,16 @@ impl RecipeSpec {
         RecipeSpec {
             base: over.base.or(self.base),
             parents: over.parents.or(self.parents),
-            lambda: if weights_given { over.lambda } else { self.lambda },
-            weights: if weights_given { over.weights } else { self.weights },
+            lambda: if weights_given {
+                over.lambda
+            } else {
+                self.lambda
+            },
+            weights: if weights_given {
+                over.weights
+            } else {
+                self.weights
+            },
             delta: over.delta.or(self.delta),
             subset: over.subset.or(self.subset),
             rules: over.rules.or(self.rules),
@@ -358,8 +434,12 @@ impl RecipeSpec {
 
     /// Validates and resolves into a [`Recipe`]. Paths are made absolute but not opened.
     pub fn resolve(self) -> Result<Recipe> {
-        let bad = |reason: &str| Error::BadRecipe { reason: reason.to_string() };
-        let base = self.base.ok_or_else(|| bad("no base model: give --base DIR"))?;
+        let bad = |reason: &str| Error::BadRecipe {
+            reason: reason.to_string(),
+        };
+        let base = self
+            .base
+            .ok_or_else(|| bad("no base model: give --base DIR"))?;
         let parents = self.parents.unwrap_or_default();
         if parents.is_empty() {
             return Err(bad("no parent to mix with: give --parent DIR (repeatable)"));
@@ -368,7 +448,11 @@ impl RecipeSpec {
         let allow = self.allow_extrapolation.unwrap_or(false);
         let weights = match (self.lambda, self.weights) {
             (Some(_), Some(_)) => return Err(bad("give either --lambda or --weights, not both")),
-            (None, None) => return Err(bad("no weights: give --lambda X (two models) or --weights W1,W2,...")),
+            (None, None) => {
+                return Err(bad(
+                    "no weights: give --lambda X (two models) or --weights W1,W2,...",
+                ))
+            }
             (Some(l), None) => {
                 if n != 2 {
                     return Err(Error::BadRecipe {
@@ -377,7 +461,9 @@ impl RecipeSpec {
                 }
                 check_weights(&[1.0 - l, l], n, allow, "--lambda")?;
                 if !l.is_finite() {
-                    return Err(Error::NonFiniteWeight { context: "--lambda".into() });
+                    return Err(Error::NonFiniteWeight {
+                        context: "--lambda".into(),
+                    });
                 }
                 vec![1.0 - l, l]
             }
@@ -390,8 +476,14 @@ impl RecipeSpec {
         if !delta.is_finite() || delta < 0.0 {
             return Err(bad("--delta must be a finite number ≥ 0"));
         }
-        let subset_text = self.subset.filter(|s| !s.is_empty()).unwrap_or_else(|| vec!["full".into()]);
-        let subset = subset_text.iter().map(|s| SubsetItem::parse(s)).collect::<Result<Vec<_>>>()?;
+        let subset_text = self
+            .subset
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| vec!["full".into()]);
+        let subset = subset_text
+            .iter()
+            .map(|s| SubsetItem::parse(s))
+            .collect::<Result<Vec<_>>>()?;
         let mut rules = Vec::new();
         for r in self.rules.unwrap_or_default() {
             let rule = Rule::parse(&r)?;
@@ -415,15 +507,24 @@ impl RecipeSpec {
 
 fn check_weights(w: &[f64], n: usize, allow: bool, context: &str) -> Result<()> {
     if w.len() != n {
-        return Err(Error::WeightCount { expected: n, got: w.len(), context: context.to_string() });
+        return Err(Error::WeightCount {
+            expected: n,
+            got: w.len(),
+            context: context.to_string(),
+        });
     }
     if w.iter().any(|x| !x.is_finite()) {
-        return Err(Error::NonFiniteWeight { context: context.to_string() });
+        return Err(Error::NonFiniteWeight {
+            context: context.to_string(),
+        });
     }
     let sum: f64 = w.iter().sum();
     let convex = w.iter().all(|x| (0.0..=1.0).contains(x)) && (sum - 1.0).abs() <= 1e-6;
     if !convex && !allow {
-        return Err(Error::NonConvexWeights { weights: w.to_vec(), context: context.to_string() });
+        return Err(Error::NonConvexWeights {
+            weights: w.to_vec(),
+            context: context.to_string(),
+        });
     }
     Ok(())
 }
@@ -462,7 +563,10 @@ impl Recipe {
 
     /// The weights for a selected weight name: the first matching rule's, else the global ones.
     pub fn weights_for(&self, name: &str) -> &[f64] {
-        self.rules.iter().find(|r| r.regex.is_match(name)).map_or(&self.weights, |r| &r.weights)
+        self.rules
+            .iter()
+            .find(|r| r.regex.is_match(name))
+            .map_or(&self.weights, |r| &r.weights)
     }
 
     /// The recipe as JSON: canonical key order, no timestamp, no output path, so that a mount
@@ -471,15 +575,31 @@ impl Recipe {
         let mut m = Map::new();
         m.insert("aoe_version".into(), json!(env!("CARGO_PKG_VERSION")));
         m.insert("base".into(), json!(self.base.to_string_lossy()));
-        m.insert("parents".into(), json!(self.parents.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>()));
+        m.insert(
+            "parents".into(),
+            json!(self
+                .parents
+                .iter()
+                .map(|p| p.to_string_lossy())
+                .collect::<Vec<_>>()),
+        );
         m.insert("weights".into(), json!(self.weights));
         m.insert("delta".into(), json!(self.delta));
-        m.insert("subset".into(), json!(self.subset.iter().map(SubsetItem::text).collect::<Vec<_>>()));
-        let rules: Vec<Value> =
-            self.rules.iter().map(|r| json!({"pattern": r.regex.as_str(), "weights": r.weights})).collect();
+        m.insert(
+            "subset".into(),
+            json!(self.subset.iter().map(SubsetItem::text).collect::<Vec<_>>()),
+        );
+        let rules: Vec<Value> = self
+            .rules
+            .iter()
+            .map(|r| json!({"pattern": r.regex.as_str(), "weights": r.weights}))
+            .collect();
         m.insert("rules".into(), Value::Array(rules));
         m.insert("metric".into(), json!(self.metric.name()));
-        m.insert("allow_extrapolation".into(), json!(self.allow_extrapolation));
+        m.insert(
+            "allow_extrapolation".into(),
+            json!(self.allow_extrapolation),
+        );
         Value::Object(m)
     }
 
@@ -506,14 +626,32 @@ mod tests {
     #[test]
     fn groups_follow_the_design_table() {
         let cases = [
-            ("model.layers.3.mlp.experts.17.up_proj.weight", Group::Experts),
-            ("model.layers.3.mlp.experts.17.up_proj.weight_scale_inv", Group::Experts),
-            ("model.layers.1.block_sparse_moe.experts.0.w1.weight", Group::Experts),
-            ("model.layers.3.mlp.shared_experts.down_proj.weight", Group::SharedExperts),
+            (
+                "model.layers.3.mlp.experts.17.up_proj.weight",
+                Group::Experts,
+            ),
+            (
+                "model.layers.3.mlp.experts.17.up_proj.weight_scale_inv",
+                Group::Experts,
+            ),
+            (
+                "model.layers.1.block_sparse_moe.experts.0.w1.weight",
+                Group::Experts,
+            ),
+            (
+                "model.layers.3.mlp.shared_experts.down_proj.weight",
+                Group::SharedExperts,
+            ),
             ("model.layers.3.mlp.gate.weight", Group::Router),
-            ("model.layers.3.mlp.gate.e_score_correction_bias", Group::Router),
+            (
+                "model.layers.3.mlp.gate.e_score_correction_bias",
+                Group::Router,
+            ),
             ("model.layers.0.input_layernorm.weight", Group::Norms),
-            ("model.layers.0.self_attn.kv_a_layernorm.weight", Group::Norms),
+            (
+                "model.layers.0.self_attn.kv_a_layernorm.weight",
+                Group::Norms,
+            ),
             ("model.norm.weight", Group::Norms),
             ("model.layers.0.self_attn.q_b_proj.weight", Group::Attention),
             ("model.layers.0.mlp.gate_proj.weight", Group::DenseMlp),
@@ -544,11 +682,24 @@ mod tests {
     fn bad_weights_are_refused() {
         let mut s = spec("/b", &["/p", "/q"]);
         s.weights = Some(vec![0.5, 0.5]);
-        assert!(matches!(s.clone().resolve(), Err(Error::WeightCount { expected: 3, got: 2, .. })));
+        assert!(matches!(
+            s.clone().resolve(),
+            Err(Error::WeightCount {
+                expected: 3,
+                got: 2,
+                ..
+            })
+        ));
         s.weights = Some(vec![0.5, f64::NAN, 0.5]);
-        assert!(matches!(s.clone().resolve(), Err(Error::NonFiniteWeight { .. })));
+        assert!(matches!(
+            s.clone().resolve(),
+            Err(Error::NonFiniteWeight { .. })
+        ));
         s.weights = Some(vec![1.5, -0.5, 0.0]);
-        assert!(matches!(s.clone().resolve(), Err(Error::NonConvexWeights { .. })));
+        assert!(matches!(
+            s.clone().resolve(),
+            Err(Error::NonConvexWeights { .. })
+        ));
         s.allow_extrapolation = Some(true);
         assert!(s.resolve().is_ok());
         let mut s = spec("/b", &["/p", "/q"]);
@@ -566,10 +717,19 @@ mod tests {
         assert!(r.selects("x.mlp.experts.1.up_proj.weight", Group::Experts));
         assert!(r.selects("model.norm.weight", Group::Norms));
         assert!(!r.selects("model.layers.0.self_attn.o_proj.weight", Group::Attention));
-        assert_eq!(r.weights_for("model.layers.3.mlp.experts.0.up_proj.weight"), &[0.25, 0.75]);
-        assert_eq!(r.weights_for("model.layers.4.mlp.experts.0.up_proj.weight"), &[0.0, 1.0]);
+        assert_eq!(
+            r.weights_for("model.layers.3.mlp.experts.0.up_proj.weight"),
+            &[0.25, 0.75]
+        );
+        assert_eq!(
+            r.weights_for("model.layers.4.mlp.experts.0.up_proj.weight"),
+            &[0.0, 1.0]
+        );
         s.subset = Some(vec!["expert".into()]);
-        assert!(matches!(s.clone().resolve(), Err(Error::UnknownSubset { .. })));
+        assert!(matches!(
+            s.clone().resolve(),
+            Err(Error::UnknownSubset { .. })
+        ));
         s.subset = Some(vec!["re:(".into()]);
         assert!(matches!(s.clone().resolve(), Err(Error::BadRegex { .. })));
         s.subset = None;
@@ -593,7 +753,8 @@ mod tests {
 
     #[test]
     fn variant_names_parse_and_flags_override_files() {
-        let v = RecipeSpec::from_variant_name("lambda=0.6,subset=experts+router,delta=1.5").unwrap();
+        let v =
+            RecipeSpec::from_variant_name("lambda=0.6,subset=experts+router,delta=1.5").unwrap();
         assert_eq!(v.lambda, Some(0.6));
         assert_eq!(v.subset, Some(vec!["experts".into(), "router".into()]));
         let w = RecipeSpec::from_variant_name("weights=0.2:0.3:0.5").unwrap();

@@ -44,7 +44,9 @@ pub fn plan_report(child: &Child, threads: usize) -> Result<PlanReport> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()
-        .map_err(|e| Error::BadRecipe { reason: format!("cannot start threads: {e}") })?;
+        .map_err(|e| Error::BadRecipe {
+            reason: format!("cannot start threads: {e}"),
+        })?;
     let models = &child.engine.models;
     let base = models.base();
     let decided: Vec<(Group, Origin, Tally)> = pool.install(|| {
@@ -107,7 +109,11 @@ impl PlanReport {
             "{:<16} {:>8} {:>12} {:>8} {:>12} {:>8} {:>12}",
             "group", "base", "bytes", "donor", "bytes", "mixed", "bytes"
         );
-        let mut rows: Vec<(String, [Tally; 3])> = self.groups.iter().map(|(g, v)| (g.name().to_string(), *v)).collect();
+        let mut rows: Vec<(String, [Tally; 3])> = self
+            .groups
+            .iter()
+            .map(|(g, v)| (g.name().to_string(), *v))
+            .collect();
         rows.push(("total".into(), self.total()));
         for (name, v) in rows {
             let _ = writeln!(
@@ -134,7 +140,11 @@ impl PlanReport {
                 "mixed": {"tensors": v[2].tensors, "bytes": v[2].bytes},
             })
         };
-        let groups: serde_json::Map<String, Value> = self.groups.iter().map(|(g, v)| (g.name().to_string(), one(v))).collect();
+        let groups: serde_json::Map<String, Value> = self
+            .groups
+            .iter()
+            .map(|(g, v)| (g.name().to_string(), one(v)))
+            .collect();
         let v = json!({"groups": groups, "total": one(&self.total())});
         let mut s = serde_json::to_string_pretty(&v).unwrap_or_default();
         s.push('\n');

@@ -31,7 +31,11 @@ pub fn normalized_diff(models: &Models, i: usize, name: &str, metric: Metric) ->
     }
     let numel = a.info.numel();
     let (rows, cols) = a.info.rows_cols();
-    let band = if a.info.shape.len() >= 2 { STAT_ROWS * cols } else { numel.max(1) };
+    let band = if a.info.shape.len() >= 2 {
+        STAT_ROWS * cols
+    } else {
+        numel.max(1)
+    };
     // One accumulator over the whole tensor: the sum does not depend on how it is cut.
     let mut acc = kernels::SqDiffAcc::new();
     let (mut fa, mut fb, mut sa, mut sb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -39,7 +43,10 @@ pub fn normalized_diff(models: &Models, i: usize, name: &str, metric: Metric) ->
     let mut e0 = 0;
     while e0 < numel {
         let e1 = (e0 + band).min(numel);
-        let (ba, bb) = (a.read_elements(e0, e1, &mut bufa)?, b.read_elements(e0, e1, &mut bufb)?);
+        let (ba, bb) = (
+            a.read_elements(e0, e1, &mut bufa)?,
+            b.read_elements(e0, e1, &mut bufb)?,
+        );
         match metric {
             Metric::Stored => acc.add_bytes(a.info.dtype, ba, b.info.dtype, bb),
             Metric::Dequantized => {
@@ -62,7 +69,12 @@ pub fn stored_diff_sign(models: &Models, i: usize, name: &str) -> Result<kernels
     let a = models.source(0, name)?;
     let b = models.source(i, name)?;
     if a.info.dtype != b.info.dtype || !a.info.dtype.is_mixable() {
-        return Ok(kernels::sign_of_sum(normalized_diff(models, i, name, Metric::Stored)?));
+        return Ok(kernels::sign_of_sum(normalized_diff(
+            models,
+            i,
+            name,
+            Metric::Stored,
+        )?));
     }
     let numel = a.info.numel();
     let band = (4 << 20) / a.info.dtype.size();
@@ -71,12 +83,22 @@ pub fn stored_diff_sign(models: &Models, i: usize, name: &str) -> Result<kernels
     let mut e0 = 0;
     while e0 < numel {
         let e1 = (e0 + band).min(numel);
-        let (ba, bb) = (a.read_elements(e0, e1, &mut bufa)?, b.read_elements(e0, e1, &mut bufb)?);
+        let (ba, bb) = (
+            a.read_elements(e0, e1, &mut bufa)?,
+            b.read_elements(e0, e1, &mut bufb)?,
+        );
         match kernels::diff_sign_bytes(a.info.dtype, ba, b.info.dtype, bb) {
             Some(kernels::DiffSign::NaN) => return Ok(kernels::DiffSign::NaN),
             Some(kernels::DiffSign::Positive) => sign = kernels::DiffSign::Positive,
             Some(kernels::DiffSign::Zero) => {}
-            None => return Ok(kernels::sign_of_sum(normalized_diff(models, i, name, Metric::Stored)?)),
+            None => {
+                return Ok(kernels::sign_of_sum(normalized_diff(
+                    models,
+                    i,
+                    name,
+                    Metric::Stored,
+                )?))
+            }
         }
         e0 = e1;
     }
@@ -151,7 +173,9 @@ impl StatsStore {
                 if let (Some(dir), true) = (cache_dir, i > 0) {
                     use sha2::{Digest, Sha256};
                     // The version salt retires statistics computed with another summation order.
-                    let h = Sha256::digest(format!("aoe-stats-v2\0{base_id}\0{}", m.identity()).as_bytes());
+                    let h = Sha256::digest(
+                        format!("aoe-stats-v2\0{base_id}\0{}", m.identity()).as_bytes(),
+                    );
                     let hex: String = h.iter().take(12).map(|b| format!("{b:02x}")).collect();
                     let file = dir.join(format!("stats-{hex}.json"));
                     p.values = load(&file).unwrap_or_default();
@@ -217,7 +241,10 @@ impl StatsStore {
     pub fn above_zero(&self, models: &Models, name: &str) -> Result<bool> {
         let mut any_positive = false;
         for i in 1..models.list.len() {
-            let sign = match self.cached(i, name, Metric::Stored).or_else(|| self.cached_sign(i, name)) {
+            let sign = match self
+                .cached(i, name, Metric::Stored)
+                .or_else(|| self.cached_sign(i, name))
+            {
                 Some(v) => kernels::sign_of_sum(v),
                 None => {
                     let sign = stored_diff_sign(models, i, name)?;
@@ -238,7 +265,9 @@ impl StatsStore {
     pub fn flush(&self) -> Result<()> {
         for pair in &self.pairs {
             let Ok(mut p) = pair.lock() else { continue };
-            let (Some(file), true) = (p.file.clone(), p.dirty) else { continue };
+            let (Some(file), true) = (p.file.clone(), p.dirty) else {
+                continue;
+            };
             if let Some(dir) = file.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
@@ -293,7 +322,16 @@ fn load(file: &Path) -> Option<HashMap<String, [Option<f64>; 3]>> {
     Some(
         v.as_object()?
             .iter()
-            .map(|(k, e)| (k.clone(), [dec(e.get("stored")), dec(e.get("dequantized")), dec(e.get("stored_sign"))]))
+            .map(|(k, e)| {
+                (
+                    k.clone(),
+                    [
+                        dec(e.get("stored")),
+                        dec(e.get("dequantized")),
+                        dec(e.get("stored_sign")),
+                    ],
+                )
+            })
             .collect(),
     )
 }

@@ -39,7 +39,12 @@ pub struct Engine {
 
 impl Engine {
     /// Wraps opened models with a statistics store and a chunk cache of `cache_bytes`.
-    pub fn new(models: Models, stats_dir: Option<&std::path::Path>, cache_bytes: usize, chunk_bytes: usize) -> Engine {
+    pub fn new(
+        models: Models,
+        stats_dir: Option<&std::path::Path>,
+        cache_bytes: usize,
+        chunk_bytes: usize,
+    ) -> Engine {
         let stats = StatsStore::new(&models, stats_dir);
         Engine {
             models,
@@ -53,7 +58,9 @@ impl Engine {
 
     /// The base's units, indexed once and shared by every child.
     pub fn unit_index(&self) -> Arc<crate::plan::UnitIndex> {
-        self.units.get_or_init(|| Arc::new(crate::plan::UnitIndex::new(&self.models))).clone()
+        self.units
+            .get_or_init(|| Arc::new(crate::plan::UnitIndex::new(&self.models)))
+            .clone()
     }
 }
 
@@ -137,7 +144,13 @@ impl Child {
         // Record the opened (canonical) directories, so `aoe_recipe.json` is the same however
         // a path was spelled (trailing slash, symlink, relative) on every node.
         recipe.base = engine.models.base().dir.clone();
-        recipe.parents = engine.models.list.iter().skip(1).map(|m| m.dir.clone()).collect();
+        recipe.parents = engine
+            .models
+            .list
+            .iter()
+            .skip(1)
+            .map(|m| m.dir.clone())
+            .collect();
         let plan = Plan::new(&recipe, &engine.models, engine.unit_index())?;
         let recipe_bytes = recipe.file_bytes();
         let base = engine.models.base();
@@ -145,31 +158,62 @@ impl Child {
             .shards
             .iter()
             .enumerate()
-            .map(|(i, s)| ChildFile { name: s.name.clone(), size: s.size, kind: FileKind::Shard(i) })
+            .map(|(i, s)| ChildFile {
+                name: s.name.clone(),
+                size: s.size,
+                kind: FileKind::Shard(i),
+            })
             .collect();
         for name in &base.other_files {
             if name == RECIPE_FILE {
                 continue;
             }
             let path = base.dir.join(name);
-            let size = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
-            files.push(ChildFile { name: name.clone(), size, kind: FileKind::Passthrough(path) });
+            let size = std::fs::metadata(&path)
+                .map_err(|e| Error::io(&path, e))?
+                .len();
+            files.push(ChildFile {
+                name: name.clone(),
+                size,
+                kind: FileKind::Passthrough(path),
+            });
         }
-        files.push(ChildFile { name: RECIPE_FILE.into(), size: recipe_bytes.len() as u64, kind: FileKind::Recipe });
+        files.push(ChildFile {
+            name: RECIPE_FILE.into(),
+            size: recipe_bytes.len() as u64,
+            kind: FileKind::Recipe,
+        });
         files.sort_by(|a, b| a.name.cmp(&b.name));
         let variant = engine.next_variant.fetch_add(1, Ordering::Relaxed);
-        Ok(Child { engine, recipe, plan, files, recipe_bytes, variant })
+        Ok(Child {
+            engine,
+            recipe,
+            plan,
+            files,
+            recipe_bytes,
+            variant,
+        })
     }
 
     /// Opens the recipe's models and plans it: the one-call way to a child.
-    pub fn open(recipe: Recipe, stats_dir: Option<&std::path::Path>, cache_bytes: usize, chunk_bytes: usize) -> Result<Child> {
+    pub fn open(
+        recipe: Recipe,
+        stats_dir: Option<&std::path::Path>,
+        cache_bytes: usize,
+        chunk_bytes: usize,
+    ) -> Result<Child> {
         let models = Models::open(&recipe.base, &recipe.parents)?;
-        Child::new(Arc::new(Engine::new(models, stats_dir, cache_bytes, chunk_bytes)), recipe)
+        Child::new(
+            Arc::new(Engine::new(models, stats_dir, cache_bytes, chunk_bytes)),
+            recipe,
+        )
     }
 
     /// The file called `name`.
     pub fn file(&self, name: &str) -> Option<usize> {
-        self.files.binary_search_by(|f| f.name.as_str().cmp(name)).ok()
+        self.files
+            .binary_search_by(|f| f.name.as_str().cmp(name))
+            .ok()
     }
 
     /// The bytes of `aoe_recipe.json`.
@@ -179,7 +223,9 @@ impl Child {
 
     /// Reads file `file` at `offset` into `buf`; returns the bytes read (short only at EOF).
     pub fn read(&self, file: usize, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let f = self.files.get(file).ok_or_else(|| Error::NoSuchFile { name: format!("#{file}") })?;
+        let f = self.files.get(file).ok_or_else(|| Error::NoSuchFile {
+            name: format!("#{file}"),
+        })?;
         if offset >= f.size {
             return Ok(0);
         }
@@ -187,13 +233,17 @@ impl Child {
         let buf = &mut buf[..n];
         match &f.kind {
             FileKind::Recipe => {
-                let src = self.recipe_bytes.get(offset as usize..offset as usize + n).unwrap_or(&[]);
+                let src = self
+                    .recipe_bytes
+                    .get(offset as usize..offset as usize + n)
+                    .unwrap_or(&[]);
                 buf[..src.len()].copy_from_slice(src);
                 Ok(src.len())
             }
             FileKind::Passthrough(path) => {
                 let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-                file.read_exact_at(buf, offset).map_err(|e| Error::io(path, e))?;
+                file.read_exact_at(buf, offset)
+                    .map_err(|e| Error::io(path, e))?;
                 Ok(n)
             }
             FileKind::Shard(s) => {
@@ -205,7 +255,13 @@ impl Child {
 
     fn read_shard(&self, s: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         let models = &self.engine.models;
-        let shard = models.base().shards.get(s).ok_or_else(|| Error::NoSuchFile { name: format!("shard #{s}") })?;
+        let shard = models
+            .base()
+            .shards
+            .get(s)
+            .ok_or_else(|| Error::NoSuchFile {
+                name: format!("shard #{s}"),
+            })?;
         let end = offset + buf.len() as u64;
         if offset < shard.header_len {
             let h = shard.header();
@@ -238,9 +294,13 @@ impl Child {
         match self.plan.source(u, models, &self.engine.stats)? {
             Source::Base => pread(shard, t.start + at, out, &t.name),
             Source::Donor(k) => {
-                let ck = models.list.get(k).ok_or_else(|| Error::BadRecipe { reason: format!("no model {k}") })?;
-                let (ds, dt) =
-                    ck.get(&t.name).ok_or_else(|| Error::MissingTensor { parent: ck.dir.clone(), tensor: t.name.clone() })?;
+                let ck = models.list.get(k).ok_or_else(|| Error::BadRecipe {
+                    reason: format!("no model {k}"),
+                })?;
+                let (ds, dt) = ck.get(&t.name).ok_or_else(|| Error::MissingTensor {
+                    parent: ck.dir.clone(),
+                    tensor: t.name.clone(),
+                })?;
                 if dt.len != t.len {
                     return Err(Error::ShapeMismatch {
                         parent: ck.dir.clone(),
@@ -252,7 +312,13 @@ impl Child {
                 pread(ds, dt.start + at, out, &t.name)
             }
             // A companion that is not the base's FP8 block scales is not computed: it stays the base's.
-            Source::Mix(_) if is_scale && models.source(0, &self.plan.units()[u].weight)?.scale.is_none() => {
+            Source::Mix(_)
+                if is_scale
+                    && models
+                        .source(0, &self.plan.units()[u].weight)?
+                        .scale
+                        .is_none() =>
+            {
                 pread(shard, t.start + at, out, &t.name)
             }
             Source::Mix(w) => {
@@ -290,12 +356,18 @@ impl Child {
     /// How unit `u` is cut into chunks.
     pub fn layout(&self, u: usize) -> Result<Layout> {
         let models = &self.engine.models;
-        let unit = self.plan.units().get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
+        let unit = self.plan.units().get(u).ok_or_else(|| Error::BadRecipe {
+            reason: "no such unit".into(),
+        })?;
         let base = models.source(0, &unit.weight)?;
         let (rows, cols) = base.info.rows_cols();
         let numel = base.info.numel();
         let banded = base.info.shape.len() == 2
-            && (0..models.list.len()).any(|i| models.source(i, &unit.weight).is_ok_and(|s| s.info.dtype == DType::F8E4M3));
+            && (0..models.list.len()).any(|i| {
+                models
+                    .source(i, &unit.weight)
+                    .is_ok_and(|s| s.info.dtype == DType::F8E4M3)
+            });
         let out_size = base.info.dtype.size().max(1);
         let target = (self.engine.chunk_bytes / out_size).max(1);
         let (per_chunk, block_rows) = if banded {
@@ -306,24 +378,43 @@ impl Child {
             (target, 0)
         };
         let chunks = numel.div_ceil(per_chunk).max(1);
-        Ok(Layout { rows, cols, numel, per_chunk, chunks, block_rows })
+        Ok(Layout {
+            rows,
+            cols,
+            numel,
+            per_chunk,
+            chunks,
+            block_rows,
+        })
     }
 
     /// Chunk `c` of unit `u`, from the cache or computed.
     pub fn chunk(&self, u: usize, c: usize, w: &[f32]) -> Result<Arc<Chunk>> {
-        let key = ChunkKey { variant: self.variant, unit: u as u32, chunk: c as u32 };
-        self.engine.cache.get_or_compute(key, || self.compute_chunk(u, c, w))
+        let key = ChunkKey {
+            variant: self.variant,
+            unit: u as u32,
+            chunk: c as u32,
+        };
+        self.engine
+            .cache
+            .get_or_compute(key, || self.compute_chunk(u, c, w))
     }
 
     /// Whether chunk `c` of unit `u` is cached or being computed.
     pub fn chunk_cached(&self, u: usize, c: usize) -> bool {
-        self.engine.cache.contains(&ChunkKey { variant: self.variant, unit: u as u32, chunk: c as u32 })
+        self.engine.cache.contains(&ChunkKey {
+            variant: self.variant,
+            unit: u as u32,
+            chunk: c as u32,
+        })
     }
 
     /// Computes chunk `c` of unit `u` with weights `w` (DESIGN §4).
     pub fn compute_chunk(&self, u: usize, c: usize, w: &[f32]) -> Result<Chunk> {
         let models = &self.engine.models;
-        let unit = self.plan.units().get(u).ok_or_else(|| Error::BadRecipe { reason: "no such unit".into() })?;
+        let unit = self.plan.units().get(u).ok_or_else(|| Error::BadRecipe {
+            reason: "no such unit".into(),
+        })?;
         let lay = self.layout(u)?;
         let (e0, e1) = lay.elements(c);
         let cols = lay.cols.max(1);
@@ -352,7 +443,9 @@ impl Child {
         bufs: &mut [Vec<u8>],
     ) -> Result<Chunk> {
         let n = e1 - e0;
-        let base = srcs.first().ok_or_else(|| Error::BadRecipe { reason: "no models".into() })?;
+        let base = srcs.first().ok_or_else(|| Error::BadRecipe {
+            reason: "no models".into(),
+        })?;
         let out_dtype = base.info.dtype;
         // Each model's bytes and block scales for the band.
         let mut scale_rows: Vec<Vec<f32>> = Vec::with_capacity(w.len());
@@ -373,7 +466,8 @@ impl Child {
             .map(|(((src, b), sc), &weight)| kernels::MixInput {
                 dtype: src.info.dtype,
                 bytes: b,
-                scales: (src.info.dtype == DType::F8E4M3 && src.scale.is_some()).then_some(sc.as_slice()),
+                scales: (src.info.dtype == DType::F8E4M3 && src.scale.is_some())
+                    .then_some(sc.as_slice()),
                 weight,
             })
             .collect();
@@ -405,15 +499,24 @@ impl Child {
             }
             (dt, _) => kernels::mix(&inputs, cols, dt, &mut data, None),
         }
-        Ok(Chunk { data, scales: scale_bytes })
+        Ok(Chunk {
+            data,
+            scales: scale_bytes,
+        })
     }
 }
 
 /// Reads `out.len()` bytes of a shard at `pos` with pread: no mapping, so no RSS, and a file
 /// that shrank under us gives an error instead of SIGBUS.
 fn pread(shard: &Shard, pos: u64, out: &mut [u8], tensor: &str) -> Result<()> {
-    shard.file.read_exact_at(out, pos).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => Error::ParentChanged { path: shard.path.clone(), tensor: tensor.to_string() },
-        _ => Error::io(&shard.path, e),
-    })
+    shard
+        .file
+        .read_exact_at(out, pos)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => Error::ParentChanged {
+                path: shard.path.clone(),
+                tensor: tensor.to_string(),
+            },
+            _ => Error::io(&shard.path, e),
+        })
 }

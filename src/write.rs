@@ -45,18 +45,30 @@ pub struct WriteReport {
 /// Refuses an OUT that is a parent, inside a parent, contains a parent, or is non-empty
 /// (unless `force`). Runs before anything is written.
 pub fn check_output(out: &Path, models: &[PathBuf], force: bool) -> Result<()> {
-    let bad = |reason: String| Error::BadOutput { path: out.to_path_buf(), reason };
+    let bad = |reason: String| Error::BadOutput {
+        path: out.to_path_buf(),
+        reason,
+    };
     let canon = canonical_target(out)?;
     for m in models {
         let m = m.canonicalize().unwrap_or_else(|_| m.clone());
         if canon == m {
-            return Err(bad(format!("is a parent ({}); refusing to overwrite it", m.display())));
+            return Err(bad(format!(
+                "is a parent ({}); refusing to overwrite it",
+                m.display()
+            )));
         }
         if canon.starts_with(&m) {
-            return Err(bad(format!("lies inside parent {}; choose a directory outside the parents", m.display())));
+            return Err(bad(format!(
+                "lies inside parent {}; choose a directory outside the parents",
+                m.display()
+            )));
         }
         if m.starts_with(&canon) {
-            return Err(bad(format!("contains parent {}; choose a directory of its own", m.display())));
+            return Err(bad(format!(
+                "contains parent {}; choose a directory of its own",
+                m.display()
+            )));
         }
     }
     match std::fs::metadata(out) {
@@ -64,7 +76,9 @@ pub fn check_output(out: &Path, models: &[PathBuf], force: bool) -> Result<()> {
         Ok(_) => {
             let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
             if entries.next().is_some() && !force {
-                Err(bad("is not empty (pass --force to replace the child's files in it)".into()))
+                Err(bad(
+                    "is not empty (pass --force to replace the child's files in it)".into(),
+                ))
             } else {
                 Ok(())
             }
@@ -91,7 +105,9 @@ fn canonical_target(out: &Path) -> Result<PathBuf> {
             _ => break,
         }
     }
-    let mut c = existing.canonicalize().map_err(|e| Error::io(existing, e))?;
+    let mut c = existing
+        .canonicalize()
+        .map_err(|e| Error::io(existing, e))?;
     for n in rest.into_iter().rev() {
         c.push(n);
     }
@@ -101,9 +117,19 @@ fn canonical_target(out: &Path) -> Result<PathBuf> {
 /// One piece of work.
 enum Job {
     /// Write bytes at an offset of a file.
-    Bytes { file: usize, at: u64, bytes: Vec<u8> },
+    Bytes {
+        file: usize,
+        at: u64,
+        bytes: Vec<u8>,
+    },
     /// Copy a file range.
-    Copy { file: usize, at: u64, src: PathBuf, from: u64, len: u64 },
+    Copy {
+        file: usize,
+        at: u64,
+        src: PathBuf,
+        from: u64,
+        len: u64,
+    },
     /// A unit: decide its source, then copy or compute it.
     Unit(usize),
 }
@@ -113,7 +139,9 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .build()
-        .map_err(|e| Error::BadRecipe { reason: format!("cannot start threads: {e}") })?;
+        .map_err(|e| Error::BadRecipe {
+            reason: format!("cannot start threads: {e}"),
+        })?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let tmp_of = |name: &str| out.join(format!(".{name}.aoe-tmp-{}", std::process::id()));
     let mut outs = Vec::with_capacity(child.files.len());
@@ -124,22 +152,46 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
         let path = &guard.0[i];
         // create_new: never follow a symlink planted at the temporary name, never truncate.
         let _ = std::fs::remove_file(path);
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| Error::io(path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
         file.set_len(f.size).map_err(|e| Error::io(path, e))?;
         outs.push(file);
         match &f.kind {
-            FileKind::Recipe => jobs.push(Job::Bytes { file: i, at: 0, bytes: child.recipe_bytes().to_vec() }),
-            FileKind::Passthrough(src) => jobs.push(Job::Copy { file: i, at: 0, src: src.clone(), from: 0, len: f.size }),
+            FileKind::Recipe => jobs.push(Job::Bytes {
+                file: i,
+                at: 0,
+                bytes: child.recipe_bytes().to_vec(),
+            }),
+            FileKind::Passthrough(src) => jobs.push(Job::Copy {
+                file: i,
+                at: 0,
+                src: src.clone(),
+                from: 0,
+                len: f.size,
+            }),
             FileKind::Shard(s) => {
                 if let Some(sh) = base.shards.get(*s) {
-                    jobs.push(Job::Bytes { file: i, at: 0, bytes: sh.header().to_vec() });
+                    jobs.push(Job::Bytes {
+                        file: i,
+                        at: 0,
+                        bytes: sh.header().to_vec(),
+                    });
                 }
             }
         }
     }
     // Largest units first, so the pool drains evenly.
     let mut units: Vec<(u64, usize)> = (0..child.plan.units().len())
-        .map(|u| (base.get(&child.plan.units()[u].weight).map_or(0, |(_, t)| t.len), u))
+        .map(|u| {
+            (
+                base.get(&child.plan.units()[u].weight)
+                    .map_or(0, |(_, t)| t.len),
+                u,
+            )
+        })
         .collect();
     units.sort_unstable_by(|a, b| b.cmp(a));
     jobs.extend(units.into_iter().map(|(_, u)| Job::Unit(u)));
@@ -151,10 +203,22 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
         .collect();
     // Tensors outside every unit (e.g. a scale of a scale) are the base's bytes.
     for (si, sh) in base.shards.iter().enumerate() {
-        for t in sh.tensors.iter().filter(|t| child.plan.unit_of(&t.name).is_none()) {
+        for t in sh
+            .tensors
+            .iter()
+            .filter(|t| child.plan.unit_of(&t.name).is_none())
+        {
             let file = file_of_shard.get(si).copied().filter(|&f| f != usize::MAX);
-            let file = file.ok_or_else(|| Error::NoSuchFile { name: sh.name.clone() })?;
-            jobs.push(Job::Copy { file, at: t.start, src: sh.path.clone(), from: t.start, len: t.len });
+            let file = file.ok_or_else(|| Error::NoSuchFile {
+                name: sh.name.clone(),
+            })?;
+            jobs.push(Job::Copy {
+                file,
+                at: t.start,
+                src: sh.path.clone(),
+                from: t.start,
+                len: t.len,
+            });
         }
     }
     let total: u64 = child.files.iter().map(|f| f.size).sum();
@@ -181,7 +245,11 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
         // The child is complete; only the memo of statistics is lost.
         eprintln!("aoe: warning: cannot save δ statistics: {e}");
     }
-    Ok(WriteReport { bytes: total, computed: computed.load(Ordering::Relaxed), files: child.files.len() })
+    Ok(WriteReport {
+        bytes: total,
+        computed: computed.load(Ordering::Relaxed),
+        files: child.files.len(),
+    })
 }
 
 /// Removes temporary files if the write fails midway.
@@ -215,7 +283,9 @@ impl Ctx<'_> {
     }
 
     fn out(&self, file: usize) -> Result<&File> {
-        self.outs.get(file).ok_or_else(|| Error::NoSuchFile { name: format!("#{file}") })
+        self.outs.get(file).ok_or_else(|| Error::NoSuchFile {
+            name: format!("#{file}"),
+        })
     }
 
     fn run(&self, job: Job) -> Result<()> {
@@ -224,10 +294,18 @@ impl Ctx<'_> {
         }
         match job {
             Job::Bytes { file, at, bytes } => {
-                self.out(file)?.write_all_at(&bytes, at).map_err(|e| Error::io(&self.child.files[file].name, e))?;
+                self.out(file)?
+                    .write_all_at(&bytes, at)
+                    .map_err(|e| Error::io(&self.child.files[file].name, e))?;
                 self.advance(bytes.len() as u64);
             }
-            Job::Copy { file, at, src, from, len } => {
+            Job::Copy {
+                file,
+                at,
+                src,
+                from,
+                len,
+            } => {
                 let s = File::open(&src).map_err(|e| Error::io(&src, e))?;
                 copy_range(&s, from, self.out(file)?, at, len).map_err(|e| Error::io(&src, e))?;
                 self.advance(len);
@@ -244,11 +322,24 @@ impl Ctx<'_> {
         let unit = &child.plan.units()[u];
         let mut tensors: Vec<(&Shard, &TensorInfo)> = Vec::with_capacity(2);
         for name in std::iter::once(&unit.weight).chain(unit.scale.iter()) {
-            tensors.push(base.get(name).ok_or_else(|| Error::MissingTensor { parent: base.dir.clone(), tensor: name.clone() })?);
+            tensors.push(base.get(name).ok_or_else(|| Error::MissingTensor {
+                parent: base.dir.clone(),
+                tensor: name.clone(),
+            })?);
         }
         let dst = |shard: &Shard| -> Result<usize> {
-            let i = base.shards.iter().position(|s| std::ptr::eq(s, shard)).unwrap_or(usize::MAX);
-            self.file_of_shard.get(i).copied().filter(|&f| f != usize::MAX).ok_or_else(|| Error::NoSuchFile { name: shard.name.clone() })
+            let i = base
+                .shards
+                .iter()
+                .position(|s| std::ptr::eq(s, shard))
+                .unwrap_or(usize::MAX);
+            self.file_of_shard
+                .get(i)
+                .copied()
+                .filter(|&f| f != usize::MAX)
+                .ok_or_else(|| Error::NoSuchFile {
+                    name: shard.name.clone(),
+                })
         };
         match child.plan.source(u, models, &child.engine.stats)? {
             Source::Base => {
@@ -259,9 +350,17 @@ impl Ctx<'_> {
             Source::Donor(k) => {
                 let ck = &models.list[k];
                 for (sh, t) in tensors {
-                    let (ds, dt) = ck.get(&t.name).ok_or_else(|| Error::MissingTensor { parent: ck.dir.clone(), tensor: t.name.clone() })?;
+                    let (ds, dt) = ck.get(&t.name).ok_or_else(|| Error::MissingTensor {
+                        parent: ck.dir.clone(),
+                        tensor: t.name.clone(),
+                    })?;
                     if dt.len != t.len {
-                        return Err(Error::ShapeMismatch { parent: ck.dir.clone(), tensor: t.name.clone(), base: t.shape.clone(), other: dt.shape.clone() });
+                        return Err(Error::ShapeMismatch {
+                            parent: ck.dir.clone(),
+                            tensor: t.name.clone(),
+                            base: t.shape.clone(),
+                            other: dt.shape.clone(),
+                        });
                     }
                     self.copy_tensor(ds, dt, dst(sh)?, t.start)?;
                 }
@@ -288,11 +387,15 @@ impl Ctx<'_> {
                     let (e0, _) = lay.elements(c);
                     let chunk = child.compute_chunk(u, c, &w)?;
                     let at = wt.start + (e0 * wt.dtype.size()) as u64;
-                    self.out(wfile)?.write_all_at(&chunk.data, at).map_err(|e| Error::io(&wsh.name, e))?;
+                    self.out(wfile)?
+                        .write_all_at(&chunk.data, at)
+                        .map_err(|e| Error::io(&wsh.name, e))?;
                     let mut n = chunk.data.len() as u64;
                     if let Some((sfile, st)) = scale {
                         let at = st.start + c as u64 * scale_span;
-                        self.out(sfile)?.write_all_at(&chunk.scales, at).map_err(|e| Error::io(&st.name, e))?;
+                        self.out(sfile)?
+                            .write_all_at(&chunk.scales, at)
+                            .map_err(|e| Error::io(&st.name, e))?;
                         n += chunk.scales.len() as u64;
                     }
                     self.computed.fetch_add(n, Ordering::Relaxed);
@@ -307,7 +410,8 @@ impl Ctx<'_> {
     }
 
     fn copy_tensor(&self, src: &Shard, t: &TensorInfo, file: usize, at: u64) -> Result<()> {
-        copy_range(&src.file, t.start, self.out(file)?, at, t.len).map_err(|e| Error::io(&src.path, e))?;
+        copy_range(&src.file, t.start, self.out(file)?, at, t.len)
+            .map_err(|e| Error::io(&src.path, e))?;
         self.advance(t.len);
         Ok(())
     }
@@ -320,26 +424,47 @@ fn copy_range(src: &File, from: u64, dst: &File, at: u64, len: u64) -> std::io::
     while left > 0 {
         let want = left.min(1 << 30) as usize;
         // SAFETY: valid fds and offset pointers for the duration of the call.
-        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if matches!(e.raw_os_error(), Some(libc::EINTR)) {
                 continue;
             }
-            if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP)) {
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP)
+            ) {
                 return copy_buffered(src, off_in as u64, dst, off_out as u64, left);
             }
             return Err(e);
         }
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "source file is shorter than its header says"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "source file is shorter than its header says",
+            ));
         }
         left -= n as u64;
     }
     Ok(())
 }
 
-fn copy_buffered(src: &File, mut from: u64, dst: &File, mut at: u64, mut left: u64) -> std::io::Result<()> {
+fn copy_buffered(
+    src: &File,
+    mut from: u64,
+    dst: &File,
+    mut at: u64,
+    mut left: u64,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; (left.min(8 << 20)) as usize];
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;

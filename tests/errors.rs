@@ -16,9 +16,16 @@ fn s(p: &Path) -> &str {
 fn fails(args: &[&str], needles: &[&str]) {
     let out = aoe(args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "aoe {args:?} should fail with 1, stderr:\n{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "aoe {args:?} should fail with 1, stderr:\n{err}"
+    );
     assert!(!err.contains("panicked"), "aoe {args:?} panicked:\n{err}");
-    assert!(err.starts_with("aoe: error: "), "aoe {args:?}: unexpected stderr:\n{err}");
+    assert!(
+        err.starts_with("aoe: error: "),
+        "aoe {args:?}: unexpected stderr:\n{err}"
+    );
     for n in needles {
         assert!(err.contains(n), "aoe {args:?}: message lacks {n:?}:\n{err}");
     }
@@ -40,7 +47,9 @@ fn fam() -> Fam {
 
 /// The shard of `dir` holding `tensor`, from its index.
 fn shard_of(dir: &Path, tensor: &str) -> PathBuf {
-    let idx: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     dir.join(idx["weight_map"][tensor].as_str().unwrap())
 }
 
@@ -52,12 +61,48 @@ fn missing_or_wrong_directories() {
     let f = fam();
     let out = f.root.join("out");
     let missing = f.root.join("nope");
-    fails(&["write", "--base", s(&missing), "--parent", s(&f.m[1]), "--lambda", "0.5", s(&out)], &[s(&missing), "No such file"]);
+    fails(
+        &[
+            "write",
+            "--base",
+            s(&missing),
+            "--parent",
+            s(&f.m[1]),
+            "--lambda",
+            "0.5",
+            s(&out),
+        ],
+        &[s(&missing), "No such file"],
+    );
     let file = f.m[0].join("config.json");
-    fails(&["write", "--base", s(&f.m[0]), "--parent", s(&file), "--lambda", "0.5", s(&out)], &["config.json", "not a directory"]);
+    fails(
+        &[
+            "write",
+            "--base",
+            s(&f.m[0]),
+            "--parent",
+            s(&file),
+            "--lambda",
+            "0.5",
+            s(&out),
+        ],
+        &["config.json", "not a directory"],
+    );
     let empty = f.root.join("empty");
     std::fs::create_dir(&empty).unwrap();
-    fails(&["write", "--base", s(&empty), "--parent", s(&f.m[1]), "--lambda", "0.5", s(&out)], &["empty", "not a checkpoint"]);
+    fails(
+        &[
+            "write",
+            "--base",
+            s(&empty),
+            "--parent",
+            s(&f.m[1]),
+            "--lambda",
+            "0.5",
+            s(&out),
+        ],
+        &["empty", "not a checkpoint"],
+    );
     assert!(!out.exists(), "nothing may be written on error");
 }
 
@@ -65,10 +110,28 @@ fn missing_or_wrong_directories() {
 fn malformed_index_and_headers() {
     let f = fam();
     let out = f.root.join("out");
-    let run = |p: &Path, needles: &[&str]| fails(&["write", "--base", s(&f.m[0]), "--parent", s(p), "--lambda", "0.5", s(&out)], needles);
+    let run = |p: &Path, needles: &[&str]| {
+        fails(
+            &[
+                "write",
+                "--base",
+                s(&f.m[0]),
+                "--parent",
+                s(p),
+                "--lambda",
+                "0.5",
+                s(&out),
+            ],
+            needles,
+        )
+    };
 
     let p = copy_dir(&f.m[1], &f.root.join("bad-index"));
-    std::fs::write(p.join("model.safetensors.index.json"), b"{\"weight_map\": [").unwrap();
+    std::fs::write(
+        p.join("model.safetensors.index.json"),
+        b"{\"weight_map\": [",
+    )
+    .unwrap();
     run(&p, &["model.safetensors.index.json", "malformed index"]);
 
     let p = copy_dir(&f.m[1], &f.root.join("bad-header"));
@@ -76,7 +139,13 @@ fn malformed_index_and_headers() {
     let mut bytes = std::fs::read(&sh).unwrap();
     bytes[8] = b'x';
     std::fs::write(&sh, bytes).unwrap();
-    run(&p, &[sh.file_name().unwrap().to_str().unwrap(), "malformed safetensors header"]);
+    run(
+        &p,
+        &[
+            sh.file_name().unwrap().to_str().unwrap(),
+            "malformed safetensors header",
+        ],
+    );
 
     let p = copy_dir(&f.m[1], &f.root.join("bad-offsets"));
     let sh = shard_of(&p, T);
@@ -116,7 +185,21 @@ fn malformed_index_and_headers() {
 fn missing_tensor_shape_and_dtype_mismatches() {
     let f = fam();
     let out = f.root.join("out");
-    let run = |p: &Path, needles: &[&str]| fails(&["write", "--base", s(&f.m[0]), "--parent", s(p), "--lambda", "0.5", s(&out)], needles);
+    let run = |p: &Path, needles: &[&str]| {
+        fails(
+            &[
+                "write",
+                "--base",
+                s(&f.m[0]),
+                "--parent",
+                s(p),
+                "--lambda",
+                "0.5",
+                s(&out),
+            ],
+            needles,
+        )
+    };
 
     let p = copy_dir(&f.m[1], &f.root.join("missing"));
     let sh = shard_of(&p, N);
@@ -126,7 +209,11 @@ fn missing_tensor_shape_and_dtype_mismatches() {
     });
     let ip = p.join("model.safetensors.index.json");
     let mut idx: serde_json::Value = serde_json::from_slice(&std::fs::read(&ip).unwrap()).unwrap();
-    let file = idx["weight_map"].as_object_mut().unwrap().remove(N).unwrap();
+    let file = idx["weight_map"]
+        .as_object_mut()
+        .unwrap()
+        .remove(N)
+        .unwrap();
     idx["weight_map"]["model.renamed.weight"] = file;
     std::fs::write(&ip, serde_json::to_vec(&idx).unwrap()).unwrap();
     run(&p, &[s(&p), N, "missing"]);
@@ -151,44 +238,188 @@ fn bad_weights_subsets_and_regexes() {
     let out = f.root.join("out");
     let (b, p) = (s(&f.m[0]), s(&f.m[1]));
     let o = s(&out);
-    fails(&["write", "--base", b, "--parent", p, "--weights", "0.5,0.3,0.2", o], &["3 weights given, 2 needed"]);
-    fails(&["write", "--base", b, "--parent", p, "--weights", "nan,0.5", o], &["finite"]);
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "inf", o], &["finite"]);
-    fails(&["write", "--base", b, "--parent", p, "--weights", "1.5,-0.5", o], &["not convex", "--allow-extrapolation"]);
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--subset", "expert", o], &["unknown subset \"expert\""]);
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--subset", "re:(", o], &["bad regex \"(\""]);
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--rule", "[=0,1", o], &["bad regex \"[\""]);
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--rule", "x=1,0,0", o], &["3 weights given, 2 needed"]);
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--metric", "l2", o], &["unknown metric"]);
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--delta", "-1", o], &["--delta"]);
+    fails(
+        &[
+            "write",
+            "--base",
+            b,
+            "--parent",
+            p,
+            "--weights",
+            "0.5,0.3,0.2",
+            o,
+        ],
+        &["3 weights given, 2 needed"],
+    );
+    fails(
+        &[
+            "write",
+            "--base",
+            b,
+            "--parent",
+            p,
+            "--weights",
+            "nan,0.5",
+            o,
+        ],
+        &["finite"],
+    );
+    fails(
+        &["write", "--base", b, "--parent", p, "--lambda", "inf", o],
+        &["finite"],
+    );
+    fails(
+        &[
+            "write",
+            "--base",
+            b,
+            "--parent",
+            p,
+            "--weights",
+            "1.5,-0.5",
+            o,
+        ],
+        &["not convex", "--allow-extrapolation"],
+    );
+    fails(
+        &[
+            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--subset", "expert", o,
+        ],
+        &["unknown subset \"expert\""],
+    );
+    fails(
+        &[
+            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--subset", "re:(", o,
+        ],
+        &["bad regex \"(\""],
+    );
+    fails(
+        &[
+            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--rule", "[=0,1", o,
+        ],
+        &["bad regex \"[\""],
+    );
+    fails(
+        &[
+            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--rule", "x=1,0,0", o,
+        ],
+        &["3 weights given, 2 needed"],
+    );
+    fails(
+        &[
+            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--metric", "l2", o,
+        ],
+        &["unknown metric"],
+    );
+    fails(
+        &[
+            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--delta", "-1", o,
+        ],
+        &["--delta"],
+    );
     fails(&["write", "--base", b, "--lambda", "0.5", o], &["--parent"]);
     fails(&["write", "--base", b, "--parent", p, o], &["--lambda"]);
     assert!(!out.exists());
     // Extrapolation is allowed when asked for.
-    aoe_ok(&["write", "--base", b, "--parent", p, "--weights", "1.5,-0.5", "--allow-extrapolation", o]);
+    aoe_ok(&[
+        "write",
+        "--base",
+        b,
+        "--parent",
+        p,
+        "--weights",
+        "1.5,-0.5",
+        "--allow-extrapolation",
+        o,
+    ]);
 }
 
 #[test]
 fn output_that_is_a_parent_or_not_empty() {
     let f = fam();
     let (b, p) = (s(&f.m[0]), s(&f.m[1]));
-    let before: Vec<Vec<u8>> = files(&f.m[1]).iter().map(|x| std::fs::read(f.m[1].join(x)).unwrap()).collect();
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--force", p], &[p, "is a parent"]);
+    let before: Vec<Vec<u8>> = files(&f.m[1])
+        .iter()
+        .map(|x| std::fs::read(f.m[1].join(x)).unwrap())
+        .collect();
+    fails(
+        &[
+            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--force", p,
+        ],
+        &[p, "is a parent"],
+    );
     let inside = f.m[1].join("child");
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", s(&inside)], &["inside parent"]);
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--force", s(&f.root)], &["contains parent"]);
-    let after: Vec<Vec<u8>> = files(&f.m[1]).iter().map(|x| std::fs::read(f.m[1].join(x)).unwrap()).collect();
+    fails(
+        &[
+            "write",
+            "--base",
+            b,
+            "--parent",
+            p,
+            "--lambda",
+            "0.5",
+            s(&inside),
+        ],
+        &["inside parent"],
+    );
+    fails(
+        &[
+            "write",
+            "--base",
+            b,
+            "--parent",
+            p,
+            "--lambda",
+            "0.5",
+            "--force",
+            s(&f.root),
+        ],
+        &["contains parent"],
+    );
+    let after: Vec<Vec<u8>> = files(&f.m[1])
+        .iter()
+        .map(|x| std::fs::read(f.m[1].join(x)).unwrap())
+        .collect();
     assert_eq!(before, after, "a parent was modified");
     assert!(!inside.exists());
 
     let busy = f.root.join("busy");
     std::fs::create_dir(&busy).unwrap();
     std::fs::write(busy.join("keep.txt"), b"mine").unwrap();
-    fails(&["write", "--base", b, "--parent", p, "--lambda", "0.5", s(&busy)], &["not empty", "--force"]);
-    aoe_ok(&["write", "--base", b, "--parent", p, "--lambda", "0.5", "--force", s(&busy)]);
-    assert_eq!(std::fs::read(busy.join("keep.txt")).unwrap(), b"mine", "--force keeps unrelated files");
+    fails(
+        &[
+            "write",
+            "--base",
+            b,
+            "--parent",
+            p,
+            "--lambda",
+            "0.5",
+            s(&busy),
+        ],
+        &["not empty", "--force"],
+    );
+    aoe_ok(&[
+        "write",
+        "--base",
+        b,
+        "--parent",
+        p,
+        "--lambda",
+        "0.5",
+        "--force",
+        s(&busy),
+    ]);
+    assert_eq!(
+        std::fs::read(busy.join("keep.txt")).unwrap(),
+        b"mine",
+        "--force keeps unrelated files"
+    );
     assert!(busy.join("aoe_recipe.json").is_file());
-    assert!(!files(&busy).iter().any(|f| f.contains("aoe-tmp")), "temporary files left behind");
+    assert!(
+        !files(&busy).iter().any(|f| f.contains("aoe-tmp")),
+        "temporary files left behind"
+    );
 }
 
 #[test]
@@ -199,7 +430,17 @@ fn interrupted_write_leaves_no_file_behind() {
     let m = aoe::fixture::write_family(&spec, tmp.path()).unwrap();
     let out = tmp.path().join("out");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_aoe"))
-        .args(["write", "--base", s(&m[0]), "--parent", s(&m[1]), "--lambda", "0.5", "--threads", "1"])
+        .args([
+            "write",
+            "--base",
+            s(&m[0]),
+            "--parent",
+            s(&m[1]),
+            "--lambda",
+            "0.5",
+            "--threads",
+            "1",
+        ])
         .args(["--cache-dir", s(&tmp.path().join("stats")), s(&out)])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -220,5 +461,9 @@ fn interrupted_write_leaves_no_file_behind() {
     }
     assert_eq!(res.status.code(), Some(1), "{err}");
     assert!(err.contains("interrupted"), "{err}");
-    assert_eq!(files(&out), Vec::<String>::new(), "files left behind after an interrupted write");
+    assert_eq!(
+        files(&out),
+        Vec::<String>::new(),
+        "files left behind after an interrupted write"
+    );
 }

@@ -25,8 +25,10 @@ fn written(tmp: &Path, label: &str, args: &[&str]) -> PathBuf {
 }
 
 fn listing(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     v.sort();
     v
 }
@@ -36,15 +38,33 @@ fn variants_read_in_parallel_each_get_their_own_bytes() {
     let tmp = tempdir();
     let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 3, 101);
     let (m1, m2, m3) = (s(&fam[0]), s(&fam[1]), s(&fam[2]));
-    let g = MountGuard::mount(&tmp.path().join("mnt"), &["--variants", "--base", m1, "--parent", m2, "--parent", m3]);
+    let g = MountGuard::mount(
+        &tmp.path().join("mnt"),
+        &["--variants", "--base", m1, "--parent", m2, "--parent", m3],
+    );
     assert!(listing(&g.mnt).is_empty(), "a fresh variants root is empty");
     let cases: Vec<(&str, Vec<&str>)> = vec![
         ("weights=0.2:0.3:0.5", vec!["--weights", "0.2,0.3,0.5"]),
-        ("weights=0:1:0,subset=experts", vec!["--weights", "0,1,0", "--subset", "experts"]),
-        ("weights=0.5:0.5:0,delta=1.5", vec!["--weights", "0.5,0.5,0", "--delta", "1.5"]),
+        (
+            "weights=0:1:0,subset=experts",
+            vec!["--weights", "0,1,0", "--subset", "experts"],
+        ),
+        (
+            "weights=0.5:0.5:0,delta=1.5",
+            vec!["--weights", "0.5,0.5,0", "--delta", "1.5"],
+        ),
         (
             "weights=0.1:0.1:0.8,subset=experts+router,metric=dequantized",
-            vec!["--weights", "0.1,0.1,0.8", "--subset", "experts", "--subset", "router", "--metric", "dequantized"],
+            vec![
+                "--weights",
+                "0.1,0.1,0.8",
+                "--subset",
+                "experts",
+                "--subset",
+                "router",
+                "--metric",
+                "dequantized",
+            ],
         ),
     ];
     let refs: Vec<PathBuf> = cases
@@ -87,7 +107,10 @@ fn variants_read_in_parallel_each_get_their_own_bytes() {
 fn invalid_names_get_enoent_and_a_log_line() {
     let tmp = tempdir();
     let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 2, 102);
-    let g = MountGuard::mount(&tmp.path().join("mnt"), &["--variants", "--base", s(&fam[0]), "--parent", s(&fam[1])]);
+    let g = MountGuard::mount(
+        &tmp.path().join("mnt"),
+        &["--variants", "--base", s(&fam[0]), "--parent", s(&fam[1])],
+    );
     for (name, why) in [
         ("lambda=abc", "is not a number"),
         ("colour=red", "unknown key"),
@@ -110,7 +133,12 @@ fn invalid_names_get_enoent_and_a_log_line() {
     assert!(g.status()["names_refused"].as_u64().unwrap() >= 6);
     // A valid name still works afterwards, and its files are there.
     assert!(std::fs::metadata(g.path("lambda=0.5/config.json")).is_ok());
-    assert_eq!(std::fs::metadata(g.path("lambda=0.5/nope.json")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        std::fs::metadata(g.path("lambda=0.5/nope.json"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOENT)
+    );
 }
 
 #[test]
@@ -132,19 +160,56 @@ fn sweep_variants_are_listed_and_flags_are_defaults() {
     // --subset router is every variant's default unless its recipe says otherwise.
     let g = MountGuard::mount(
         &tmp.path().join("mnt"),
-        &["--variants", "--base", m1, "--parent", m2, "--subset", "router", "--sweep", s(&sweep)],
+        &[
+            "--variants",
+            "--base",
+            m1,
+            "--parent",
+            m2,
+            "--subset",
+            "router",
+            "--sweep",
+            s(&sweep),
+        ],
     );
     assert_eq!(listing(&g.mnt), vec!["chimera", "half", "lambda=0.25"]);
-    let chimera =
-        written(tmp.path(), "chimera", &["--base", m1, "--parent", m2, "--weights", "0,1", "--subset", "experts"]);
-    let half = written(tmp.path(), "half", &["--base", m1, "--parent", m2, "--lambda", "0.5", "--subset", "router"]);
+    let chimera = written(
+        tmp.path(),
+        "chimera",
+        &[
+            "--base",
+            m1,
+            "--parent",
+            m2,
+            "--weights",
+            "0,1",
+            "--subset",
+            "experts",
+        ],
+    );
+    let half = written(
+        tmp.path(),
+        "half",
+        &[
+            "--base", m1, "--parent", m2, "--lambda", "0.5", "--subset", "router",
+        ],
+    );
     assert_same_dirs(&g.path("chimera"), &chimera, &[]);
     assert_same_dirs(&g.path("half"), &half, &[]);
     // An alias (same recipe, another name) serves the same bytes.
     assert_same_dirs(&g.path("lambda=0.5"), &half, &[]);
-    assert_eq!(listing(&g.mnt), vec!["chimera", "half", "lambda=0.25", "lambda=0.5"]);
+    assert_eq!(
+        listing(&g.mnt),
+        vec!["chimera", "half", "lambda=0.25", "lambda=0.5"]
+    );
     // The template's subset applies to names too; the name overrides it.
-    let full = written(tmp.path(), "full", &["--base", m1, "--parent", m2, "--lambda", "0.7", "--subset", "full"]);
+    let full = written(
+        tmp.path(),
+        "full",
+        &[
+            "--base", m1, "--parent", m2, "--lambda", "0.7", "--subset", "full",
+        ],
+    );
     assert_same_dirs(&g.path("lambda=0.7,subset=full"), &full, &[]);
 }
 
@@ -156,13 +221,32 @@ fn bad_sweep_files_never_mount() {
     for (label, content, why) in [
         ("notjson", "{", "not valid JSON"),
         ("badrecipe", r#"{"x": {"lambda": 2}}"#, "not convex"),
-        ("badname", r#"{"a/b": {"lambda": 0.5}}"#, "not a usable directory name"),
-        ("otherbase", r#"{"x": {"lambda": 0.5, "base": "/nonexistent"}}"#, "base"),
+        (
+            "badname",
+            r#"{"a/b": {"lambda": 0.5}}"#,
+            "not a usable directory name",
+        ),
+        (
+            "otherbase",
+            r#"{"x": {"lambda": 0.5, "base": "/nonexistent"}}"#,
+            "base",
+        ),
     ] {
         let sweep = tmp.path().join(format!("{label}.json"));
         std::fs::write(&sweep, content).unwrap();
         let mnt = tmp.path().join(format!("{label}-mnt"));
-        let r = MountGuard::try_mount(&mnt, &["--variants", "--base", m1, "--parent", m2, "--sweep", s(&sweep)]);
+        let r = MountGuard::try_mount(
+            &mnt,
+            &[
+                "--variants",
+                "--base",
+                m1,
+                "--parent",
+                m2,
+                "--sweep",
+                s(&sweep),
+            ],
+        );
         let out = r.err().unwrap_or_else(|| panic!("{label}: mounted"));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "{label}: {err}");
@@ -176,7 +260,15 @@ fn a_new_variant_costs_no_work_proportional_to_the_model() {
     let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 2, 105);
     let g = MountGuard::mount(
         &tmp.path().join("mnt"),
-        &["--variants", "--base", s(&fam[0]), "--parent", s(&fam[1]), "--delta", "1"],
+        &[
+            "--variants",
+            "--base",
+            s(&fam[0]),
+            "--parent",
+            s(&fam[1]),
+            "--delta",
+            "1",
+        ],
     );
     let before = g.status();
     let mut times = Vec::new();
@@ -193,6 +285,10 @@ fn a_new_variant_costs_no_work_proportional_to_the_model() {
     assert_eq!(before["cache_misses"], after["cache_misses"]);
     assert_eq!(after["variants"].as_array().unwrap().len(), 10);
     times.sort();
-    assert!(times[5] < Duration::from_millis(500), "median variant creation took {:?}", times[5]);
+    assert!(
+        times[5] < Duration::from_millis(500),
+        "median variant creation took {:?}",
+        times[5]
+    );
     assert!(g.log_text().contains("variant \"lambda=0.05\" created in"));
 }

@@ -25,13 +25,25 @@ fn chimera_plan_takes_experts_from_the_donor_and_the_rest_from_the_base() {
     let tmp = tempdir();
     let m = family(tmp.path(), FixtureDType::Fp8, 2, 31);
     let cache = tmp.path().join("stats");
-    let v = plan_json(&["--base", s(&m[0]), "--parent", s(&m[1]), "--subset", "experts", "--weights", "0,1", "--cache-dir", s(&cache)]);
+    let v = plan_json(&[
+        "--base",
+        s(&m[0]),
+        "--parent",
+        s(&m[1]),
+        "--subset",
+        "experts",
+        "--weights",
+        "0,1",
+        "--cache-dir",
+        s(&cache),
+    ]);
 
     // Count independently from the base's tensor list: an expert unit comes from the donor
     // unless its weight is identical in both (difference 0, not above δ = 0).
     let base = Checkpoint::open(&m[0]).unwrap();
     let donor = Checkpoint::open(&m[1]).unwrap();
-    let (mut expert_tensors, mut expert_bytes, mut other_tensors, mut other_bytes) = (0u64, 0u64, 0u64, 0u64);
+    let (mut expert_tensors, mut expert_bytes, mut other_tensors, mut other_bytes) =
+        (0u64, 0u64, 0u64, 0u64);
     let mut identical = 0;
     for t in base.shards.iter().flat_map(|s| &s.tensors) {
         let weight = t.name.strip_suffix("_scale_inv").unwrap_or(&t.name);
@@ -61,13 +73,51 @@ fn plan_follows_delta_and_names_every_group() {
     let m = family(tmp.path(), FixtureDType::Fp8, 2, 32);
     let cache = tmp.path().join("stats");
     let (b, p, c) = (s(&m[0]), s(&m[1]), s(&cache));
-    let all = plan_json(&["--base", b, "--parent", p, "--lambda", "0.5", "--cache-dir", c]);
-    let none = plan_json(&["--base", b, "--parent", p, "--lambda", "0.5", "--delta", "1e9", "--cache-dir", c]);
+    let all = plan_json(&[
+        "--base",
+        b,
+        "--parent",
+        p,
+        "--lambda",
+        "0.5",
+        "--cache-dir",
+        c,
+    ]);
+    let none = plan_json(&[
+        "--base",
+        b,
+        "--parent",
+        p,
+        "--lambda",
+        "0.5",
+        "--delta",
+        "1e9",
+        "--cache-dir",
+        c,
+    ]);
     assert_eq!(none["total"]["mixed"]["tensors"], 0);
-    assert_eq!(none["total"]["base"]["bytes"], all["total"]["base"]["bytes"].as_u64().unwrap() + all["total"]["mixed"]["bytes"].as_u64().unwrap());
+    assert_eq!(
+        none["total"]["base"]["bytes"],
+        all["total"]["base"]["bytes"].as_u64().unwrap()
+            + all["total"]["mixed"]["bytes"].as_u64().unwrap()
+    );
     // With δ = 0 only tensors identical in both parents stay the base's.
     assert!(all["total"]["mixed"]["tensors"].as_u64().unwrap() > 0);
-    let table = String::from_utf8(aoe_ok(&["plan", "--base", b, "--parent", p, "--lambda", "0.5", "--cache-dir", c]).stdout).unwrap();
+    let table = String::from_utf8(
+        aoe_ok(&[
+            "plan",
+            "--base",
+            b,
+            "--parent",
+            p,
+            "--lambda",
+            "0.5",
+            "--cache-dir",
+            c,
+        ])
+        .stdout,
+    )
+    .unwrap();
     for g in Group::ALL {
         if all["groups"].get(g.name()).is_some() {
             assert!(table.contains(g.name()), "table lacks {g}:\n{table}");

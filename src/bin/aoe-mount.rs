@@ -115,7 +115,10 @@ fn run(args: Args) -> Result<()> {
     let eng = EngineOptions {
         cache_bytes: args.cache_size,
         chunk_bytes: args.chunk_size,
-        stats_dir: args.cache_dir.clone().or_else(aoe::stats::default_cache_dir),
+        stats_dir: args
+            .cache_dir
+            .clone()
+            .or_else(aoe::stats::default_cache_dir),
     };
     let log_file = args
         .log
@@ -139,7 +142,10 @@ fn run(args: Args) -> Result<()> {
     } else {
         Fs::single(args.recipe.resolve()?, &eng, opts)?
     };
-    let threads = args.threads.filter(|&t| t > 0).unwrap_or_else(fuse::default_threads);
+    let threads = args
+        .threads
+        .filter(|&t| t > 0)
+        .unwrap_or_else(fuse::default_threads);
     let cfg = MountConfig {
         mountpoint: mnt.clone(),
         threads,
@@ -151,6 +157,10 @@ fn run(args: Args) -> Result<()> {
         return fuse::serve(fs, &cfg, &mut Ready::foreground());
     }
     let pid = fuse::spawn_daemon(fs, &cfg, &log_file)?;
-    eprintln!("aoe-mount: mounted at {} (daemon pid {pid}, log {})", mnt.display(), log_file.display());
+    eprintln!(
+        "aoe-mount: mounted at {} (daemon pid {pid}, log {})",
+        mnt.display(),
+        log_file.display()
+    );
     Ok(())
 }

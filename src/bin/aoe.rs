@@ -158,7 +158,8 @@ fn main() -> ExitCode {
 }
 
 fn threads_or_cores(t: Option<usize>) -> usize {
-    t.filter(|&t| t > 0).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    t.filter(|&t| t > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 fn stats_dir(d: Option<PathBuf>) -> Option<PathBuf> {
@@ -167,21 +168,35 @@ fn stats_dir(d: Option<PathBuf>) -> Option<PathBuf> {
 
 fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Write { recipe, out, force, threads, memory, chunk_size, cache_dir } => {
+        Cmd::Write {
+            recipe,
+            out,
+            force,
+            threads,
+            memory,
+            chunk_size,
+            cache_dir,
+        } => {
             let recipe = recipe.resolve()?;
             let mut all = vec![recipe.base.clone()];
             all.extend(recipe.parents.iter().cloned());
             check_output(&out, &all, force)?;
             let threads = threads_or_cores(threads);
             // Per thread: the f32 accumulator (4 bytes per element) plus the output chunk.
-            let chunk = chunk_size.unwrap_or_else(|| (memory / (threads * 6)).clamp(64 << 10, 16 << 20));
+            let chunk =
+                chunk_size.unwrap_or_else(|| (memory / (threads * 6)).clamp(64 << 10, 16 << 20));
             let models = Models::open(&recipe.base, &recipe.parents)?;
             let engine = Engine::new(models, stats_dir(cache_dir).as_deref(), 0, chunk);
             let child = Child::new(Arc::new(engine), recipe)?;
             let total: u64 = child.files.iter().map(|f| f.size).sum();
             let pb = byte_progress(total, "writing");
             let _ = PB.set(pb.clone());
-            let opts = WriteOptions { threads, force, progress: Some(progress), cancel: Some(on_signal()) };
+            let opts = WriteOptions {
+                threads,
+                force,
+                progress: Some(progress),
+                cancel: Some(on_signal()),
+            };
             let t = std::time::Instant::now();
             let report = write_child(&child, &out, &opts)?;
             pb.finish_and_clear();
@@ -197,7 +212,12 @@ fn run(cmd: Cmd) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Plan { recipe, json, threads, cache_dir } => {
+        Cmd::Plan {
+            recipe,
+            json,
+            threads,
+            cache_dir,
+        } => {
             let recipe = recipe.resolve()?;
             let models = Models::open(&recipe.base, &recipe.parents)?;
             let engine = Engine::new(models, stats_dir(cache_dir).as_deref(), 0, 1 << 20);
@@ -206,7 +226,11 @@ fn run(cmd: Cmd) -> Result<()> {
             if let Err(e) = child.engine.stats.flush() {
                 eprintln!("aoe: warning: cannot save δ statistics: {e}");
             }
-            let text = if json { report.to_json() } else { report.to_table() };
+            let text = if json {
+                report.to_json()
+            } else {
+                report.to_table()
+            };
             print!("{text}");
             Ok(())
         }
@@ -222,7 +246,16 @@ fn run(cmd: Cmd) -> Result<()> {
             print!("{}", aoe::fuse::demo(dir)?);
             Ok(())
         }
-        Cmd::Diff { base, parents, csv, json, plot, plot_metric, threads, cache_dir } => {
+        Cmd::Diff {
+            base,
+            parents,
+            csv,
+            json,
+            plot,
+            plot_metric,
+            threads,
+            cache_dir,
+        } => {
             let metric = aoe::recipe::Metric::parse(&plot_metric)?;
             let models = Models::open(&base, &parents)?;
             let stats = aoe::stats::StatsStore::new(&models, stats_dir(cache_dir).as_deref());
@@ -254,9 +287,15 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Fixture { out, preset, dtype, siblings, seed, bf16_copy, skeleton } => {
-            fixture(&out, &preset, &dtype, siblings, seed, bf16_copy, skeleton)
-        }
+        Cmd::Fixture {
+            out,
+            preset,
+            dtype,
+            siblings,
+            seed,
+            bf16_copy,
+            skeleton,
+        } => fixture(&out, &preset, &dtype, siblings, seed, bf16_copy, skeleton),
     }
 }
 
@@ -268,7 +307,15 @@ fn progress(done: u64, _total: u64) {
     }
 }
 
-fn fixture(out: &std::path::Path, preset: &str, dtype: &str, siblings: usize, seed: u64, bf16_copy: bool, skeleton: bool) -> Result<()> {
+fn fixture(
+    out: &std::path::Path,
+    preset: &str,
+    dtype: &str,
+    siblings: usize,
+    seed: u64,
+    bf16_copy: bool,
+    skeleton: bool,
+) -> Result<()> {
     use aoe::fixture::{FamilySpec, FixtureDType};
     let io = |e| aoe::Error::io(out, e);
     if skeleton {
@@ -277,12 +324,19 @@ fn fixture(out: &std::path::Path, preset: &str, dtype: &str, siblings: usize, se
     let dt = match dtype {
         "fp8" => FixtureDType::Fp8,
         "bf16" => FixtureDType::Bf16,
-        _ => return Err(aoe::Error::BadRecipe { reason: format!("--dtype {dtype:?}: use fp8 or bf16") }),
+        _ => {
+            return Err(aoe::Error::BadRecipe {
+                reason: format!("--dtype {dtype:?}: use fp8 or bf16"),
+            })
+        }
     };
     let mut spec = match preset {
         "tiny" => FamilySpec::tiny(dt),
         "demo" => FamilySpec::demo(),
-        size => FamilySpec::with_target_bytes(dt, parse_size(size).map_err(|reason| aoe::Error::BadRecipe { reason })? as u64),
+        size => FamilySpec::with_target_bytes(
+            dt,
+            parse_size(size).map_err(|reason| aoe::Error::BadRecipe { reason })? as u64,
+        ),
     };
     spec.siblings = siblings;
     spec.seed = seed;

@@ -11,7 +11,10 @@ pub mod mount;
 
 /// A temporary directory removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("aoe-test-").tempdir().expect("temp dir")
+    tempfile::Builder::new()
+        .prefix("aoe-test-")
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// Writes a tiny family of `siblings` models into `dir` (dir/m1, dir/m2, ...).
@@ -32,7 +35,10 @@ pub fn bf16_copy(src: &Path, dst: &Path) -> PathBuf {
 pub fn aoe(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_aoe"))
         .args(args)
-        .env("XDG_CACHE_HOME", std::env::temp_dir().join("aoe-test-cache"))
+        .env(
+            "XDG_CACHE_HOME",
+            std::env::temp_dir().join("aoe-test-cache"),
+        )
         .env_remove("AOE_BASE")
         .env_remove("AOE_PARENTS")
         .output()
@@ -42,7 +48,11 @@ pub fn aoe(args: &[&str]) -> Output {
 /// Runs `aoe` and panics with its stderr unless it succeeds.
 pub fn aoe_ok(args: &[&str]) -> Output {
     let out = aoe(args);
-    assert!(out.status.success(), "aoe {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "aoe {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -53,7 +63,10 @@ pub fn python() -> PathBuf {
     let candidates: Vec<PathBuf> = std::env::var_os("AOE_PYTHON")
         .map(PathBuf::from)
         .into_iter()
-        .chain([repo.join(".venv/bin/python"), PathBuf::from("/work/venv/bin/python")])
+        .chain([
+            repo.join(".venv/bin/python"),
+            PathBuf::from("/work/venv/bin/python"),
+        ])
         .collect();
     for c in &candidates {
         let ok = Command::new(c)
@@ -70,8 +83,16 @@ pub fn python() -> PathBuf {
 /// Runs the independent reference `tests/reference/aoe_ref.py` with `args`.
 pub fn reference(args: &[&str]) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/aoe_ref.py");
-    let out = Command::new(python()).arg(script).args(args).output().expect("run python");
-    assert!(out.status.success(), "aoe_ref.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "aoe_ref.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -89,14 +110,35 @@ pub fn files(dir: &Path) -> Vec<String> {
 
 /// Asserts two directories hold the same files (except those in `skip`) with the same bytes.
 pub fn assert_same_dirs(a: &Path, b: &Path, skip: &[&str]) {
-    let fa: Vec<String> = files(a).into_iter().filter(|f| !skip.contains(&f.as_str())).collect();
-    let fb: Vec<String> = files(b).into_iter().filter(|f| !skip.contains(&f.as_str())).collect();
-    assert_eq!(fa, fb, "file lists differ: {} vs {}", a.display(), b.display());
+    let fa: Vec<String> = files(a)
+        .into_iter()
+        .filter(|f| !skip.contains(&f.as_str()))
+        .collect();
+    let fb: Vec<String> = files(b)
+        .into_iter()
+        .filter(|f| !skip.contains(&f.as_str()))
+        .collect();
+    assert_eq!(
+        fa,
+        fb,
+        "file lists differ: {} vs {}",
+        a.display(),
+        b.display()
+    );
     for f in &fa {
-        let (x, y) = (std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap());
+        let (x, y) = (
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+        );
         if x != y {
             let first = x.iter().zip(&y).position(|(p, q)| p != q);
-            panic!("{f} differs between {} and {} (sizes {} / {}, first difference at byte {first:?})", a.display(), b.display(), x.len(), y.len());
+            panic!(
+                "{f} differs between {} and {} (sizes {} / {}, first difference at byte {first:?})",
+                a.display(),
+                b.display(),
+                x.len(),
+                y.len()
+            );
         }
     }
 }

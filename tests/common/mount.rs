@@ -17,8 +17,14 @@ pub fn aoe_mount_bin() -> &'static str {
 pub fn aoe_mount_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(aoe_mount_bin());
     c.args(args)
-        .env("XDG_CACHE_HOME", std::env::temp_dir().join("aoe-test-cache"))
-        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("aoe-test-no-config"))
+        .env(
+            "XDG_CACHE_HOME",
+            std::env::temp_dir().join("aoe-test-cache"),
+        )
+        .env(
+            "XDG_CONFIG_HOME",
+            std::env::temp_dir().join("aoe-test-no-config"),
+        )
         .env_remove("AOE_BASE")
         .env_remove("AOE_PARENTS");
     c
@@ -49,7 +55,10 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// Whether process `pid` exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -71,15 +80,25 @@ pub fn force_unmount(p: &Path) -> bool {
         if !is_mounted(p) {
             return true;
         }
-        let _ = aoe_mount_cmd(&["--unmount", p.to_str().unwrap()]).stderr(Stdio::null()).status();
+        let _ = aoe_mount_cmd(&["--unmount", p.to_str().unwrap()])
+            .stderr(Stdio::null())
+            .status();
         if !is_mounted(p) {
             return true;
         }
-        let _ = Command::new("umount").arg("-l").arg(p).stderr(Stdio::null()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(p)
+            .stderr(Stdio::null())
+            .status();
         if !is_mounted(p) {
             return true;
         }
-        let _ = Command::new("fusermount3").args(["-u", "-z"]).arg(p).stderr(Stdio::null()).status();
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z"])
+            .arg(p)
+            .stderr(Stdio::null())
+            .status();
     }
     !is_mounted(p)
 }
@@ -100,7 +119,11 @@ impl MountGuard {
         match MountGuard::try_mount(mnt, args) {
             Ok(g) => g,
             Err(out) => {
-                panic!("aoe-mount {args:?} {} failed:\n{}", mnt.display(), String::from_utf8_lossy(&out.stderr))
+                panic!(
+                    "aoe-mount {args:?} {} failed:\n{}",
+                    mnt.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                )
             }
         }
     }
@@ -113,9 +136,17 @@ impl MountGuard {
         full.extend_from_slice(&["--log", log.to_str().unwrap(), mnt.to_str().unwrap()]);
         let out = aoe_mount(&full);
         // Whatever happened, a guard now owns the mount point.
-        let g = MountGuard { mnt: mnt.to_path_buf(), log, child: None };
+        let g = MountGuard {
+            mnt: mnt.to_path_buf(),
+            log,
+            child: None,
+        };
         if out.status.success() {
-            assert!(is_mounted(mnt), "aoe-mount exited 0 but {} is not mounted", mnt.display());
+            assert!(
+                is_mounted(mnt),
+                "aoe-mount exited 0 but {} is not mounted",
+                mnt.display()
+            );
             Ok(g)
         } else {
             Err(out)
@@ -131,8 +162,16 @@ impl MountGuard {
         let mut full: Vec<&str> = vec!["--foreground"];
         full.extend_from_slice(args);
         full.push(mnt.to_str().unwrap());
-        let child = aoe_mount_cmd(&full).stderr(file).stdout(Stdio::null()).spawn().expect("spawn aoe-mount");
-        let mut g = MountGuard { mnt: mnt.to_path_buf(), log, child: Some(child) };
+        let child = aoe_mount_cmd(&full)
+            .stderr(file)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn aoe-mount");
+        let mut g = MountGuard {
+            mnt: mnt.to_path_buf(),
+            log,
+            child: Some(child),
+        };
         let ok = wait_until(Duration::from_secs(30), || {
             if let Some(c) = g.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
@@ -172,13 +211,18 @@ impl MountGuard {
 impl Drop for MountGuard {
     fn drop(&mut self) {
         let pid = if self.child.is_none() && is_mounted(&self.mnt) {
-            aoe::fuse::status_json(&self.mnt).ok().and_then(|v| v["pid"].as_u64()).map(|p| p as u32)
+            aoe::fuse::status_json(&self.mnt)
+                .ok()
+                .and_then(|v| v["pid"].as_u64())
+                .map(|p| p as u32)
         } else {
             None
         };
         let gone = force_unmount(&self.mnt);
         if let Some(mut c) = self.child.take() {
-            if !wait_until(Duration::from_secs(5), || matches!(c.try_wait(), Ok(Some(_)))) {
+            if !wait_until(Duration::from_secs(5), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            }) {
                 let _ = c.kill();
             }
             let _ = c.wait();
@@ -202,7 +246,14 @@ pub fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
     let n = CString::new(name).unwrap();
     let mut buf = vec![0u8; 1 << 16];
     // SAFETY: valid C strings and buffer.
-    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    let r = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+        )
+    };
     if r < 0 {
         Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
     } else {
