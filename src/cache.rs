@@ -41,6 +41,8 @@ struct Inner {
     lru: LruCache<ChunkKey, Arc<Chunk>>,
     bytes: usize,
     inflight: HashMap<ChunkKey, Flight>,
+    /// Bytes of each cached chunk's weight part served so far.
+    served: HashMap<ChunkKey, usize>,
     pool: Vec<Vec<u8>>,
     pool_bytes: usize,
 }
@@ -79,6 +81,7 @@ impl ChunkCache {
                 lru: LruCache::unbounded(),
                 bytes: 0,
                 inflight: HashMap::new(),
+                served: HashMap::new(),
                 pool: Vec::new(),
                 pool_bytes: 0,
             }),
@@ -144,6 +147,52 @@ impl ChunkCache {
     pub fn give_buffer(&self, b: Vec<u8>) {
         let mut g = self.lock();
         give(&mut g, b, self.pool_limit());
+    }
+
+    /// Notes that `n` more bytes of chunk `key`'s weight part (`len` bytes) were served. Once
+    /// all were, the kernel's page cache holds them (FOPEN_KEEP_CACHE), so the weight bytes
+    /// leave the cache and their buffer is reused, while the small block scales stay for the
+    /// later read of the `_scale_inv` tensor. A cold read then recycles warm memory instead of
+    /// touching fresh pages (slow on these VMs) until the budget fills. Bytes never change:
+    /// a chunk read again is recomputed identically.
+    pub fn served(&self, key: ChunkKey, n: usize, len: usize) {
+        let mut g = self.lock();
+        let done = {
+            let s = g.served.entry(key).or_insert(0);
+            *s = s.saturating_add(n);
+            *s >= len
+        };
+        if !done {
+            return;
+        }
+        g.served.remove(&key);
+        let Some(old) = g.lru.pop(&key) else { return };
+        g.bytes -= old.bytes();
+        match Arc::try_unwrap(old) {
+            Ok(Chunk { data, scales }) => {
+                let cap = self.pool_limit();
+                give(&mut g, data, cap);
+                if !scales.is_empty() {
+                    let keep = Chunk { data: Vec::new(), scales };
+                    g.bytes += keep.bytes();
+                    g.lru.put(key, Arc::new(keep));
+                }
+            }
+            Err(shared) => {
+                // Another reader still holds it: keep it as it is.
+                g.bytes += shared.bytes();
+                g.lru.put(key, shared);
+            }
+        }
+    }
+
+    /// Drops `key` from the cache (a retired chunk whose weight bytes are needed again).
+    pub fn forget(&self, key: &ChunkKey) {
+        let mut g = self.lock();
+        if let Some(old) = g.lru.pop(key) {
+            g.bytes -= old.bytes();
+        }
+        g.served.remove(key);
     }
 
     /// The chunk for `key`: from the cache, by waiting for another reader's computation, or by
@@ -323,5 +372,23 @@ mod tests {
             assert!(e.to_string().contains("boom"), "{e}");
         }
         assert!(!cache.contains(&key(2)), "errors are not cached");
+    }
+
+    #[test]
+    fn fully_served_chunks_give_back_their_weight_bytes_and_keep_scales() {
+        let cache = ChunkCache::new(1 << 20);
+        let c = cache.get_or_compute(key(3), || Ok(Chunk { data: vec![1; 1000], scales: vec![2; 8] })).unwrap();
+        drop(c);
+        cache.served(key(3), 600, 1000);
+        assert_eq!(cache.get_or_compute(key(3), || unreachable!()).unwrap().data.len(), 1000);
+        cache.served(key(3), 400, 1000);
+        let kept = cache.get_or_compute(key(3), || unreachable!()).unwrap();
+        assert!(kept.data.is_empty(), "served weight bytes leave the cache");
+        assert_eq!(kept.scales, vec![2; 8], "scales stay for the _scale_inv read");
+        assert!(cache.held() < 1000);
+        // The buffer is reused by the next computation.
+        assert!(cache.take_buffer(900).capacity() >= 1000);
+        cache.forget(&key(3));
+        assert!(!cache.contains(&key(3)));
     }
 }

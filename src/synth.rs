@@ -333,7 +333,13 @@ impl Child {
                 let end = at + out.len() as u64;
                 while pos < end {
                     let c = (pos / span) as usize;
-                    let chunk = self.chunk(u, c, &w)?;
+                    let mut chunk = self.chunk(u, c, &w)?;
+                    if !is_scale && chunk.data.is_empty() {
+                        // Retired after being served once (see `ChunkCache::served`): compute again.
+                        let key = ChunkKey { variant: self.variant, unit: u as u32, chunk: c as u32 };
+                        self.engine.cache.forget(&key);
+                        chunk = self.chunk(u, c, &w)?;
+                    }
                     let part = if is_scale { &chunk.scales } else { &chunk.data };
                     let from = (pos - c as u64 * span) as usize;
                     let take = ((end - pos) as usize).min(part.len().saturating_sub(from));
@@ -346,6 +352,10 @@ impl Child {
                     }
                     let o = (pos - at) as usize;
                     out[o..o + take].copy_from_slice(&part[from..from + take]);
+                    if !is_scale {
+                        let key = ChunkKey { variant: self.variant, unit: u as u32, chunk: c as u32 };
+                        self.engine.cache.served(key, take, part.len());
+                    }
                     pos += take as u64;
                 }
                 Ok(())
