@@ -352,9 +352,12 @@ impl Child {
                     }
                     let o = (pos - at) as usize;
                     out[o..o + take].copy_from_slice(&part[from..from + take]);
+                    let len = part.len();
+                    // Let go of the chunk first, so that the cache can recycle its buffer.
+                    drop(chunk);
                     if !is_scale {
                         let key = ChunkKey { variant: self.variant, unit: u as u32, chunk: c as u32 };
-                        self.engine.cache.served(key, take, part.len());
+                        self.engine.cache.served(key, take, len);
                     }
                     pos += take as u64;
                 }
