@@ -121,7 +121,9 @@ impl ChunkCache {
         g.lru.contains(key) || g.inflight.contains_key(key)
     }
 
-    /// A buffer of at least `cap` bytes' capacity, from the pool when one fits.
+    /// A buffer of at least `cap` bytes' capacity, from the pool when one fits. A pooled
+    /// buffer keeps its old bytes (its length is unchanged): `resize` it to the length needed
+    /// and overwrite it, or `clear` it first, which saves zeroing memory about to be written.
     pub fn take_buffer(&self, cap: usize) -> Vec<u8> {
         let mut g = self.lock();
         // Best fit, and never a buffer more than twice the need: small chunks must not pin big
@@ -134,9 +136,8 @@ impl ChunkCache {
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i);
         if let Some(i) = fit {
-            let mut b = g.pool.swap_remove(i);
+            let b = g.pool.swap_remove(i);
             g.pool_bytes -= b.capacity();
-            b.clear();
             return b;
         }
         drop(g);
@@ -173,7 +174,10 @@ impl ChunkCache {
                 let cap = self.pool_limit();
                 give(&mut g, data, cap);
                 if !scales.is_empty() {
-                    let keep = Chunk { data: Vec::new(), scales };
+                    let keep = Chunk {
+                        data: Vec::new(),
+                        scales,
+                    };
                     g.bytes += keep.bytes();
                     g.lru.put(key, Arc::new(keep));
                 }
@@ -377,14 +381,32 @@ mod tests {
     #[test]
     fn fully_served_chunks_give_back_their_weight_bytes_and_keep_scales() {
         let cache = ChunkCache::new(1 << 20);
-        let c = cache.get_or_compute(key(3), || Ok(Chunk { data: vec![1; 1000], scales: vec![2; 8] })).unwrap();
+        let c = cache
+            .get_or_compute(key(3), || {
+                Ok(Chunk {
+                    data: vec![1; 1000],
+                    scales: vec![2; 8],
+                })
+            })
+            .unwrap();
         drop(c);
         cache.served(key(3), 600, 1000);
-        assert_eq!(cache.get_or_compute(key(3), || unreachable!()).unwrap().data.len(), 1000);
+        assert_eq!(
+            cache
+                .get_or_compute(key(3), || unreachable!())
+                .unwrap()
+                .data
+                .len(),
+            1000
+        );
         cache.served(key(3), 400, 1000);
         let kept = cache.get_or_compute(key(3), || unreachable!()).unwrap();
         assert!(kept.data.is_empty(), "served weight bytes leave the cache");
-        assert_eq!(kept.scales, vec![2; 8], "scales stay for the _scale_inv read");
+        assert_eq!(
+            kept.scales,
+            vec![2; 8],
+            "scales stay for the _scale_inv read"
+        );
         assert!(cache.held() < 1000);
         // The buffer is reused by the next computation.
         assert!(cache.take_buffer(900).capacity() >= 1000);

@@ -336,7 +336,11 @@ impl Child {
                     let mut chunk = self.chunk(u, c, &w)?;
                     if !is_scale && chunk.data.is_empty() {
                         // Retired after being served once (see `ChunkCache::served`): compute again.
-                        let key = ChunkKey { variant: self.variant, unit: u as u32, chunk: c as u32 };
+                        let key = ChunkKey {
+                            variant: self.variant,
+                            unit: u as u32,
+                            chunk: c as u32,
+                        };
                         self.engine.cache.forget(&key);
                         chunk = self.chunk(u, c, &w)?;
                     }
@@ -356,7 +360,11 @@ impl Child {
                     // Let go of the chunk first, so that the cache can recycle its buffer.
                     drop(chunk);
                     if !is_scale {
-                        let key = ChunkKey { variant: self.variant, unit: u as u32, chunk: c as u32 };
+                        let key = ChunkKey {
+                            variant: self.variant,
+                            unit: u as u32,
+                            chunk: c as u32,
+                        };
                         self.engine.cache.served(key, take, len);
                     }
                     pos += take as u64;
@@ -493,6 +501,7 @@ impl Child {
                 let mut scales = vec![0f32; nb];
                 kernels::mix(&inputs, cols, out_dtype, &mut data, Some(&mut scales));
                 scale_bytes = self.engine.cache.take_buffer(nb * 4);
+                scale_bytes.clear();
                 scale_bytes.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
             }
             (DType::F8E4M3, false) => {
