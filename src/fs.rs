@@ -771,6 +771,15 @@ impl Fs {
                 _ => None,
             }
         };
+        // Readers go tensor by tensor in name order, not file order: never compute past the
+        // tensor being read (the next one in the file is rarely the next one read).
+        let range = range.and_then(|(from, len)| {
+            let end = var
+                .child
+                .tensor_end(i, offset.saturating_add(n).saturating_sub(1))?;
+            let to = from.saturating_add(len).min(end);
+            (to > from).then(|| (from, to - from))
+        });
         if let Some((from, len)) = range {
             p.submit(var.child.clone(), i, from, len);
         }

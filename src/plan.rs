@@ -2,6 +2,7 @@
 //! bytes come from. Subset, rules and dtypes are decided up front; δ lazily, at first use.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::dtype::DType;
@@ -71,9 +72,15 @@ impl UnitIndex {
 pub struct Plan {
     /// The units (shared by every plan over the same models).
     pub index: Arc<UnitIndex>,
-    /// Per unit, the recipe's intent.
-    pub intents: Vec<Intent>,
-    decided: Vec<Mutex<Option<Source>>>,
+    /// The distinct intents of this recipe (a handful: base, donors, a few weight vectors).
+    intents: Vec<Intent>,
+    /// Per unit, its intent's index: a few bytes per unit, so a sweep's many variants of a
+    /// 92k-tensor model stay small.
+    intent_of: Vec<u16>,
+    /// Per unit: 0 undecided, 1 the base, 2 its intent.
+    decided: Vec<AtomicU8>,
+    /// Striped locks making each unit's δ decision single-flight.
+    locks: Vec<Mutex<()>>,
     delta: f64,
     metric: crate::recipe::Metric,
 }
@@ -115,16 +122,31 @@ impl Plan {
                 reason: "models do not match the recipe".into(),
             });
         }
-        let intents = index
-            .units
-            .iter()
-            .map(|u| intent(recipe, models, u))
-            .collect::<Result<Vec<_>>>()?;
-        let decided = index.units.iter().map(|_| Mutex::new(None)).collect();
+        let mut intents: Vec<Intent> = vec![Intent::Base];
+        let mut intent_of = Vec::with_capacity(index.units.len());
+        for u in &index.units {
+            let i = intent(recipe, models, u)?;
+            let k = match intents.iter().position(|x| *x == i) {
+                Some(k) => k,
+                None => {
+                    intents.push(i);
+                    intents.len() - 1
+                }
+            };
+            // Rules are few; more distinct intents than u16 holds would be a recipe of
+            // tens of thousands of rules.
+            intent_of.push(u16::try_from(k).map_err(|_| Error::BadRecipe {
+                reason: "too many distinct per-tensor weights".into(),
+            })?);
+        }
+        let decided = index.units.iter().map(|_| AtomicU8::new(0)).collect();
+        let locks = (0..64).map(|_| Mutex::new(())).collect();
         Ok(Plan {
             index,
             intents,
+            intent_of,
             decided,
+            locks,
             delta: recipe.delta,
             metric: recipe.metric,
         })
@@ -143,16 +165,27 @@ impl Plan {
     /// Where unit `u`'s bytes come from; the first call for a selected unit computes (or looks
     /// up) its δ statistic. Concurrent callers for one unit wait for a single computation.
     pub fn source(&self, u: usize, models: &Models, stats: &StatsStore) -> Result<Source> {
-        let want = match self.intents.get(u) {
-            None | Some(Intent::Base) => return Ok(Source::Base),
-            Some(Intent::Selected(s)) => s,
+        let want = match self.intent(u) {
+            Intent::Base => return Ok(Source::Base),
+            Intent::Selected(s) => s,
         };
-        let cell = self.decided.get(u).ok_or_else(|| Error::BadRecipe {
-            reason: "no such unit".into(),
-        })?;
-        let mut guard = cell.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = guard.as_ref() {
-            return Ok(s.clone());
+        let (Some(cell), Some(lock)) = (
+            self.decided.get(u),
+            self.locks.get(u % self.locks.len().max(1)),
+        ) else {
+            return Ok(Source::Base);
+        };
+        let known = |d: u8| match d {
+            1 => Some(Source::Base),
+            2 => Some(want.clone()),
+            _ => None,
+        };
+        if let Some(s) = known(cell.load(Ordering::Acquire)) {
+            return Ok(s);
+        }
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = known(cell.load(Ordering::Acquire)) {
+            return Ok(s);
         }
         let name = &self.index.units[u].weight;
         let above = if self.delta == 0.0 && self.metric == crate::recipe::Metric::Stored {
@@ -162,9 +195,14 @@ impl Plan {
             // NaN is never above δ: such units keep the base.
             stats.max_over_parents(models, name, self.metric)? > self.delta
         };
-        let s = if above { want.clone() } else { Source::Base };
-        *guard = Some(s.clone());
-        Ok(s)
+        cell.store(if above { 2 } else { 1 }, Ordering::Release);
+        Ok(if above { want.clone() } else { Source::Base })
+    }
+
+    /// What the recipe wants of unit `u`, before δ.
+    pub fn intent(&self, u: usize) -> &Intent {
+        let k = self.intent_of.get(u).copied().unwrap_or(0) as usize;
+        self.intents.get(k).unwrap_or(&Intent::Base)
     }
 }
 

@@ -216,6 +216,20 @@ impl Child {
             .ok()
     }
 
+    /// The end offset of the tensor holding byte `pos` of shard file `file` (None elsewhere).
+    pub fn tensor_end(&self, file: usize, pos: u64) -> Option<u64> {
+        let FileKind::Shard(s) = self.files.get(file)?.kind else {
+            return None;
+        };
+        let shard = self.engine.models.base().shards.get(s)?;
+        let i = shard.tensors.partition_point(|t| t.start + t.len <= pos);
+        shard
+            .tensors
+            .get(i)
+            .filter(|t| t.start <= pos)
+            .map(|t| t.start + t.len)
+    }
+
     /// The bytes of `aoe_recipe.json`.
     pub fn recipe_bytes(&self) -> &[u8] {
         &self.recipe_bytes

@@ -385,8 +385,14 @@ fn threads_cache_size_chunking_and_read_order_do_not_change_bytes() {
     ];
     let w = written(tmp.path(), "ref", &args);
     let configs: [(&str, &[&str]); 4] = [
-        ("t1-16m", &["--threads", "1", "--cache-size", "16M"]),
-        ("t4-2g", &["--threads", "4", "--cache-size", "2G"]),
+        (
+            "t1-16m",
+            &["--threads", "1", "--cache-size", "16M", "--prefetch"],
+        ),
+        (
+            "t4-2g",
+            &["--threads", "4", "--cache-size", "2G", "--prefetch"],
+        ),
         (
             "t4-16m-small-chunks",
             &[
@@ -396,6 +402,7 @@ fn threads_cache_size_chunking_and_read_order_do_not_change_bytes() {
                 "16M",
                 "--chunk-size",
                 "16K",
+                "--prefetch",
             ],
         ),
         (

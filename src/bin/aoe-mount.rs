@@ -79,6 +79,10 @@ struct Args {
     /// read_ahead_kb set on the mount after mounting (0 keeps the kernel's 128).
     #[arg(long, default_value_t = 1024, value_name = "KB")]
     read_ahead_kb: u32,
+    /// Compute ahead of sequential readers, within the tensor being read [default: on with 4 or
+    /// more cores; with fewer, prefetch threads compete with the reader and measured slower].
+    #[arg(long, conflicts_with = "no_prefetch")]
+    prefetch: bool,
     /// Do not compute ahead of sequential readers.
     #[arg(long)]
     no_prefetch: bool,
@@ -126,7 +130,8 @@ fn run(args: Args) -> Result<()> {
         .or_else(|| aoe::stats::default_cache_dir().map(|d| d.join("aoe-mount.log")))
         .unwrap_or_else(|| PathBuf::from("/tmp/aoe-mount.log"));
     let mut opts = FsOptions::for_current_user(&mnt, args.cache_size);
-    if args.no_prefetch {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if args.no_prefetch || (cores < 4 && !args.prefetch) {
         opts.prefetch = PrefetchConfig::disabled();
     }
     if !args.foreground {
