@@ -1535,10 +1535,6 @@ thread_local! {
     static FP8_TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-// ---------------------------------------------------------------------------------------------
-// Scalar reference
-// ---------------------------------------------------------------------------------------------
-
 /// The sign of the δ statistic sqrt(Σ (a−b)²)/sqrt(n) between two tensors of one dtype,
 /// decided without computing it: what δ = 0 needs ("is the statistic above 0?").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1642,6 +1638,10 @@ pub fn sign_of_sum(sum: f64) -> DiffSign {
         DiffSign::Zero
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Scalar reference
+// ---------------------------------------------------------------------------------------------
 
 /// Plain scalar reference of every kernel, written from the definitions (numpy's half-float
 /// algorithm for F16, exact rounding arithmetic for FP8 and BF16), element by element. Slow;
