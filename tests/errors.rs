@@ -7,10 +7,6 @@ use std::path::{Path, PathBuf};
 use aoe::fixture::FixtureDType;
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Runs `aoe write` (or the given command) and asserts a clean failure whose message holds
 /// every one of `needles`.
 fn fails(args: &[&str], needles: &[&str]) {

@@ -19,20 +19,6 @@ use aoe::fixture::{write_family, FamilySpec, FixtureDType};
 use common::mount::*;
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Writes the child of `args` with `aoe write` to `tmp/LABEL-written`.
-fn written(tmp: &Path, label: &str, args: &[&str]) -> PathBuf {
-    let out = tmp.join(format!("{label}-written"));
-    let mut full = vec!["write"];
-    full.extend_from_slice(args);
-    full.push(s(&out));
-    aoe_ok(&full);
-    out
-}
-
 /// Mounts the child of `args` at `tmp/LABEL-mnt`.
 fn mounted(tmp: &Path, label: &str, args: &[&str]) -> MountGuard {
     MountGuard::mount(&tmp.join(format!("{label}-mnt")), args)

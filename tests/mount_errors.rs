@@ -6,28 +6,15 @@
 mod common;
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use aoe::fixture::FixtureDType;
 use common::mount::*;
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn written(tmp: &Path, label: &str, args: &[&str]) -> PathBuf {
-    let out = tmp.join(format!("{label}-written"));
-    let mut full = vec!["write"];
-    full.extend_from_slice(args);
-    full.push(s(&out));
-    aoe_ok(&full);
-    out
 }
 
 /// How many mounts are stacked at `p`.

@@ -11,19 +11,6 @@ use aoe::fixture::FixtureDType;
 use common::mount::*;
 use common::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn written(tmp: &Path, label: &str, args: &[&str]) -> PathBuf {
-    let out = tmp.join(format!("{label}-written"));
-    let mut full = vec!["write"];
-    full.extend_from_slice(args);
-    full.push(s(&out));
-    aoe_ok(&full);
-    out
-}
-
 fn listing(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()

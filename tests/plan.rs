@@ -2,16 +2,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use aoe::checkpoint::Checkpoint;
 use aoe::fixture::FixtureDType;
 use aoe::recipe::Group;
 use common::*;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn plan_json(args: &[&str]) -> serde_json::Value {
     let mut full = vec!["plan", "--json"];

@@ -28,10 +28,6 @@ fn write_and_compare(tmp: &Path, label: &str, args: &[&str]) -> PathBuf {
     out
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Headers of every child shard are the base's, byte for byte, and parse with the
 /// `safetensors` crate; every tensor's bytes are the ones Python `safe_open` returns.
 fn check_read_back(base: &Path, child: &Path, tmp: &Path) {

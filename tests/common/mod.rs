@@ -9,6 +9,21 @@ use aoe::fixture::{write_bf16_copy, write_family, FamilySpec, FixtureDType};
 
 pub mod mount;
 
+/// A path as &str (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Writes the child of `args` with `aoe write` to `tmp/LABEL-written`.
+pub fn written(tmp: &Path, label: &str, args: &[&str]) -> PathBuf {
+    let out = tmp.join(format!("{label}-written"));
+    let mut full = vec!["write"];
+    full.extend_from_slice(args);
+    full.push(s(&out));
+    aoe_ok(&full);
+    out
+}
+
 /// A temporary directory removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
