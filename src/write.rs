@@ -227,6 +227,7 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
     let ctx = Ctx {
         child,
         outs: &outs,
+        out_paths: &guard.0,
         file_of_shard: &file_of_shard,
         done: &done,
         total,
@@ -266,6 +267,8 @@ impl Drop for TempFiles {
 struct Ctx<'a> {
     child: &'a Child,
     outs: &'a [File],
+    /// The temporary path of each output file, for error messages.
+    out_paths: &'a [PathBuf],
     file_of_shard: &'a [usize],
     done: &'a AtomicU64,
     total: u64,
@@ -275,6 +278,25 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// An error writing output file `file`, named by its temporary path.
+    fn write_error(&self, file: usize, e: std::io::Error) -> Error {
+        match self.out_paths.get(file) {
+            Some(p) => Error::io(p, e),
+            None => Error::io(format!("output #{file}"), e),
+        }
+    }
+
+    /// An error of a copy: errors that can only come from the destination (a full or
+    /// read-only disk, a file too large) name the output, the rest the source.
+    fn copy_error(&self, src: &std::path::Path, file: usize, e: std::io::Error) -> Error {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG | libc::EROFS) => {
+                self.write_error(file, e)
+            }
+            _ => Error::io(src, e),
+        }
+    }
+
     fn advance(&self, n: u64) {
         let d = self.done.fetch_add(n, Ordering::Relaxed) + n;
         if let Some(p) = self.progress {
@@ -296,7 +318,7 @@ impl Ctx<'_> {
             Job::Bytes { file, at, bytes } => {
                 self.out(file)?
                     .write_all_at(&bytes, at)
-                    .map_err(|e| Error::io(&self.child.files[file].name, e))?;
+                    .map_err(|e| self.write_error(file, e))?;
                 self.advance(bytes.len() as u64);
             }
             Job::Copy {
@@ -307,7 +329,8 @@ impl Ctx<'_> {
                 len,
             } => {
                 let s = File::open(&src).map_err(|e| Error::io(&src, e))?;
-                copy_range(&s, from, self.out(file)?, at, len).map_err(|e| Error::io(&src, e))?;
+                copy_range(&s, from, self.out(file)?, at, len)
+                    .map_err(|e| self.copy_error(&src, file, e))?;
                 self.advance(len);
             }
             Job::Unit(u) => self.unit(u)?,
@@ -389,13 +412,13 @@ impl Ctx<'_> {
                     let at = wt.start + (e0 * wt.dtype.size()) as u64;
                     self.out(wfile)?
                         .write_all_at(&chunk.data, at)
-                        .map_err(|e| Error::io(&wsh.name, e))?;
+                        .map_err(|e| self.write_error(wfile, e))?;
                     let mut n = chunk.data.len() as u64;
                     if let Some((sfile, st)) = scale {
                         let at = st.start + c as u64 * scale_span;
                         self.out(sfile)?
                             .write_all_at(&chunk.scales, at)
-                            .map_err(|e| Error::io(&st.name, e))?;
+                            .map_err(|e| self.write_error(sfile, e))?;
                         n += chunk.scales.len() as u64;
                     }
                     self.computed.fetch_add(n, Ordering::Relaxed);
@@ -411,7 +434,7 @@ impl Ctx<'_> {
 
     fn copy_tensor(&self, src: &Shard, t: &TensorInfo, file: usize, at: u64) -> Result<()> {
         copy_range(&src.file, t.start, self.out(file)?, at, t.len)
-            .map_err(|e| Error::io(&src.path, e))?;
+            .map_err(|e| self.copy_error(&src.path, file, e))?;
         self.advance(t.len);
         Ok(())
     }

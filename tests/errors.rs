@@ -463,3 +463,55 @@ fn interrupted_write_leaves_no_file_behind() {
         "files left behind after an interrupted write"
     );
 }
+
+/// Unmounts a test tmpfs in every outcome.
+struct TmpfsGuard(PathBuf);
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_names_the_output_not_a_parent() {
+    let f = fam();
+    let small = f.root.join("small");
+    std::fs::create_dir(&small).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs", s(&small)])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mounting a tmpfs needs root");
+    let _guard = TmpfsGuard(small.clone());
+    let out = small.join("child");
+    let (b, p) = (s(&f.m[0]), s(&f.m[1]));
+    let res = aoe(&[
+        "write",
+        "--base",
+        b,
+        "--parent",
+        p,
+        "--lambda",
+        "0.5",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(s(&out)) && err.contains("No space left"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(p) && !err.contains(b),
+        "a full output disk must not blame a parent: {err}"
+    );
+    assert_eq!(
+        files(&out),
+        Vec::<String>::new(),
+        "temporary files left behind"
+    );
+}
