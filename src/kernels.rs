@@ -580,6 +580,38 @@ fn axpy_k<D: Dec, const LV: u8, const SCALED: bool, const FIRST: bool>(
     })
 }
 
+/// `acc = wa·(a·sa)`, then `acc = acc + wb·(b·sb)`, in one pass over two FP8 inputs: the same
+/// operations in the same order as two [`axpy_k`] passes (first, then not first), without
+/// storing and reloading `acc` in between.
+#[inline(always)]
+fn axpy2_fp8<const LV: u8>(
+    a: &[u8],
+    sa: f32,
+    wa: f32,
+    b: &[u8],
+    sb: f32,
+    wb: f32,
+    acc: &mut [f32],
+) {
+    let full = acc.len() / L * L;
+    for ((ca, cb), o) in a[..full]
+        .chunks_exact(L)
+        .zip(b[..full].chunks_exact(L))
+        .zip(acc[..full].chunks_exact_mut(L))
+    {
+        let da = Fp8::chunk_scaled::<LV>(ca, sa);
+        let db = Fp8::chunk_scaled::<LV>(cb, sb);
+        let o: &mut [f32; L] = arr_mut(o);
+        for j in 0..L {
+            o[j] = add_nan_first(wa * da[j], wb * db[j]);
+        }
+    }
+    if full < acc.len() {
+        axpy_k::<Fp8, LV, true, true>(&a[full..], sa, wa, &mut acc[full..]);
+        axpy_k::<Fp8, LV, true, false>(&b[full..], sb, wb, &mut acc[full..]);
+    }
+}
+
 #[inline(always)]
 fn axpy_dispatch<D: Dec, const LV: u8>(
     src: &[u8],
@@ -1084,14 +1116,39 @@ fn quant_tile(
     scales: &mut [f32],
 ) {
     let w = c1 - c0;
-    let nb = w.div_ceil(FP8_BLOCK);
     let mut lanes = [[0u32; FP8_BLOCK]; TILE_COLS / FP8_BLOCK];
     for r in 0..rows {
         let row = &t[r * ts..r * ts + w];
-        for (l, seg) in lanes.iter_mut().zip(row.chunks(FP8_BLOCK)) {
-            amax_lanes(l, seg);
-        }
+        tile_row_amax(&mut lanes, row);
     }
+    quant_tile_lanes(t, ts, rows, c0, c1, cols, codes, scales, &lanes)
+}
+
+/// Folds one row of a tile into its per-block amax lanes.
+#[inline(always)]
+fn tile_row_amax(lanes: &mut [[u32; FP8_BLOCK]; TILE_COLS / FP8_BLOCK], row: &[f32]) {
+    for (l, seg) in lanes.iter_mut().zip(row.chunks(FP8_BLOCK)) {
+        amax_lanes(l, seg);
+    }
+}
+
+/// [`quant_tile`] with the amax lanes already folded (integer max: the order of folding does
+/// not matter, so folding each row while it is hot in L1 gives the same scales).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn quant_tile_lanes(
+    t: &[f32],
+    ts: usize,
+    rows: usize,
+    c0: usize,
+    c1: usize,
+    cols: usize,
+    codes: &mut [u8],
+    scales: &mut [f32],
+    lanes: &[[u32; FP8_BLOCK]; TILE_COLS / FP8_BLOCK],
+) {
+    let w = c1 - c0;
+    let nb = w.div_ceil(FP8_BLOCK);
     let mut sc = [0f32; TILE_COLS / FP8_BLOCK];
     for b in 0..nb {
         sc[b] = block_scale(amax_k(&lanes[b]));
@@ -1495,6 +1552,7 @@ multiversion! {
             while c0 < cols {
                 let c1 = (c0 + TILE_COLS).min(cols);
                 let w = c1 - c0;
+                let mut lanes = [[0u32; FP8_BLOCK]; TILE_COLS / FP8_BLOCK];
                 for r in 0..rows {
                     let t = &mut tile[r * w..(r + 1) * w];
                     let k = (r0 + r) * cols + c0;
@@ -1505,6 +1563,23 @@ multiversion! {
                         for p in inputs {
                             let sz = p.dtype.size();
                             prefetch(&p.bytes[k * sz..(k + w) * sz]);
+                        }
+                    }
+                    // The common case, two FP8 parents with block scales: one fused pass.
+                    if let [p, q] = inputs {
+                        if let (DType::F8E4M3, DType::F8E4M3, Some(ps), Some(qs)) = (p.dtype, q.dtype, p.scales, q.scales) {
+                            let (ps, qs) = (&ps[br * nbc + c0 / FP8_BLOCK..], &qs[br * nbc + c0 / FP8_BLOCK..]);
+                            let (pa, qa) = (&p.bytes[k..k + w], &q.bytes[k..k + w]);
+                            for (((a, b), o), (sa, sb)) in pa
+                                .chunks(FP8_BLOCK)
+                                .zip(qa.chunks(FP8_BLOCK))
+                                .zip(t.chunks_mut(FP8_BLOCK))
+                                .zip(ps.iter().zip(qs))
+                            {
+                                axpy2_fp8::<LV>(a, *sa, p.weight, b, *sb, q.weight, o);
+                            }
+                            tile_row_amax(&mut lanes, &tile[r * w..(r + 1) * w]);
+                            continue;
                         }
                     }
                     for (i, p) in inputs.iter().enumerate() {
@@ -1521,9 +1596,12 @@ multiversion! {
                             }
                         }
                     }
+                    // The row is final and hot in L1: fold it into the block amaxes now
+                    // rather than rereading the whole tile from L2 later.
+                    tile_row_amax(&mut lanes, &tile[r * w..(r + 1) * w]);
                 }
                 let codes = &mut out[r0 * cols..(r0 + rows) * cols];
-                quant_tile(tile, w, rows, c0, c1, cols, codes, &mut out_scales[br * nbc..]);
+                quant_tile_lanes(tile, w, rows, c0, c1, cols, codes, &mut out_scales[br * nbc..], &lanes);
                 c0 = c1;
             }
         }
@@ -2740,10 +2818,15 @@ mod tests {
 
     /// FP8 band data: codes and scales, with some special blocks.
     fn fp8_band(rng: &mut Rng, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+        // Any code (NaN included) only in every third block: a NaN makes its whole block NaN,
+        // and the other blocks must stay finite for comparisons to see every difference.
         let codes: Vec<u8> = (0..rows * cols)
-            .map(|_| match rng.below(50) {
-                0 => rng.next() as u8, // any code, NaN included
-                _ => scalar::f32_to_fp8(rng.value(600.0)),
+            .map(|i| {
+                let any = ((i / cols) / 128 + (i % cols) / 128).is_multiple_of(3);
+                match rng.below(50) {
+                    0 if any => rng.next() as u8,
+                    _ => scalar::f32_to_fp8(rng.value(600.0)),
+                }
             })
             .collect();
         let nb = rows.div_ceil(128) * cols.div_ceil(128);
@@ -3056,6 +3139,49 @@ mod tests {
                         &format!("scales {rows}x{cols} k={k} {lv:?}"),
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn mix_two_fp8_parents_takes_the_fused_path_exactly() {
+        // Finite codes and normal scales, so that every block's result is finite and any
+        // difference in the fused two-parent pass shows in codes or scales.
+        let mut rng = Rng(77);
+        for &(rows, cols) in &[(128usize, 128usize), (256, 300), (130, 1000), (1, 7)] {
+            let nb = rows.div_ceil(128) * cols.div_ceil(128);
+            let owned: Vec<(Vec<u8>, Vec<f32>)> = (0..2)
+                .map(|_| {
+                    let c = (0..rows * cols)
+                        .map(|_| scalar::f32_to_fp8(rng.value(400.0)))
+                        .collect();
+                    let s = (0..nb).map(|_| rng.value(1e-2).abs() + 1e-4).collect();
+                    (c, s)
+                })
+                .collect();
+            let inputs: Vec<MixInput> = owned
+                .iter()
+                .zip([0.3f32, 0.7])
+                .map(|((c, s), w)| MixInput {
+                    dtype: DType::F8E4M3,
+                    bytes: c,
+                    scales: Some(s),
+                    weight: w,
+                })
+                .collect();
+            let mut want = vec![0u8; rows * cols];
+            let mut want_s = vec![0f32; nb];
+            scalar::mix(&inputs, cols, DType::F8E4M3, &mut want, Some(&mut want_s));
+            for lv in available_levels() {
+                let mut got = vec![0u8; rows * cols];
+                let mut got_s = vec![0f32; nb];
+                mix_at(lv, &inputs, cols, DType::F8E4M3, &mut got, Some(&mut got_s));
+                same(&got, &want, &format!("{rows}x{cols} {lv:?}"));
+                same(
+                    &bits(&got_s),
+                    &bits(&want_s),
+                    &format!("scales {rows}x{cols} {lv:?}"),
+                );
             }
         }
     }
