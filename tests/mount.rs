@@ -795,3 +795,28 @@ fn demo_writes_a_family_and_mounts_its_child() {
     let again = aoe_ok(&["demo", s(&dir)]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("Already mounted"));
 }
+
+#[test]
+fn odd_companions_are_served_as_written() {
+    // A BF16 weight with an F32 `_scale_inv`, an FP8 weight without scales whose donor has
+    // them, and a scale of a scale: the mount must serve exactly what `aoe write` writes.
+    let tmp = tempdir();
+    odd_family(tmp.path(), 9);
+    let (b, p) = (tmp.path().join("m1"), tmp.path().join("m2"));
+    for (label, extra) in [
+        ("half", ["--lambda", "0.5"]),
+        ("donor", ["--weights", "0,1"]),
+    ] {
+        let mut args = vec!["--base", s(&b), "--parent", s(&p)];
+        args.extend(extra);
+        let w = written(tmp.path(), label, &args);
+        let g = mounted(tmp.path(), label, &args);
+        for n in files(&w) {
+            assert_eq!(
+                std::fs::read(g.path(&n)).unwrap(),
+                std::fs::read(w.join(&n)).unwrap(),
+                "{label}: {n}"
+            );
+        }
+    }
+}

@@ -363,41 +363,7 @@ fn unaligned_data_matches_the_reference() {
 #[test]
 fn odd_companions_match_the_reference() {
     let tmp = tempdir();
-    let gen = r#"
-import sys, os, json, numpy as np, ml_dtypes
-from safetensors.numpy import save_file
-rng = np.random.default_rng(int(sys.argv[2]))
-def fp8(shape): return rng.normal(0, 30, shape).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
-def model(d, with_v_scale, noise):
-    os.makedirs(d, exist_ok=True)
-    t = {
-        "a.weight": (rng.normal(0, 1, (4, 130)) * noise).astype(ml_dtypes.bfloat16),
-        "a.weight_scale_inv": rng.uniform(0.5, 2, (1, 2)).astype(np.float32),
-        "v.weight": fp8((130, 7)),
-        "w.weight": fp8((131, 129)),
-        "w.weight_scale_inv": rng.uniform(0.001, 0.01, (2, 2)).astype(np.float32),
-        "w.weight_scale_inv_scale_inv": rng.uniform(0, 1, (3,)).astype(np.float32),
-    }
-    if with_v_scale:
-        t["v.weight_scale_inv"] = rng.uniform(0.001, 0.01, (2, 1)).astype(np.float32)
-    save_file(t, os.path.join(d, "model.safetensors"))
-    json.dump({"model_type": "toy"}, open(os.path.join(d, "config.json"), "w"))
-model(sys.argv[1] + "/m1", False, 1.0)
-model(sys.argv[1] + "/m2", True, 2.0)
-"#;
-    let script = tmp.path().join("gen.py");
-    std::fs::write(&script, gen).unwrap();
-    let out = std::process::Command::new(python())
-        .arg(&script)
-        .arg(tmp.path())
-        .arg("7")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    odd_family(tmp.path(), 7);
     let (b, p) = (tmp.path().join("m1"), tmp.path().join("m2"));
     for (label, args) in [
         ("odd-half", vec!["--lambda", "0.5"]),

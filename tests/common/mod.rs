@@ -111,6 +111,22 @@ pub fn reference(args: &[&str]) -> Output {
     out
 }
 
+/// Writes the odd-layout models of `tests/reference/odd_family.py` to dir/m1 and dir/m2.
+pub fn odd_family(dir: &Path, seed: u64) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/odd_family.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(dir)
+        .arg(seed.to_string())
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "odd_family.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Every regular file of a directory, sorted by name.
 pub fn files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
