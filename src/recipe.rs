@@ -460,11 +460,6 @@ impl RecipeSpec {
                     });
                 }
                 check_weights(&[1.0 - l, l], n, allow, "--lambda")?;
-                if !l.is_finite() {
-                    return Err(Error::NonFiniteWeight {
-                        context: "--lambda".into(),
-                    });
-                }
                 vec![1.0 - l, l]
             }
             (None, Some(w)) => {

@@ -126,7 +126,8 @@ impl Layout {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Per-thread f32 accumulator of the scale-less FP8 path, reused across chunks.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Per-thread read buffers, one per model, reused across chunks.
     static READ_BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
@@ -521,7 +522,7 @@ impl Child {
             (DType::F8E4M3, false) => {
                 // An FP8 weight without block scales: the plain cast, scale 1.
                 SCRATCH.with(|s| {
-                    let (acc, _, _) = &mut *s.borrow_mut();
+                    let acc = &mut *s.borrow_mut();
                     acc.clear();
                     acc.resize(n, 0.0);
                     for (i, inp) in inputs.iter().enumerate() {
