@@ -102,6 +102,28 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// Drops this process's page-table entries for bytes `[start, start+len)` of the mapping
+    /// (pages the kernel touched while sending them from it), so they stop counting in the
+    /// daemon's RSS; the page cache keeps the bytes. Best effort: a failure only costs RSS.
+    pub fn unmap(&self, start: u64, len: usize) {
+        let (Ok(start), true) = (usize::try_from(start), len > 0) else {
+            return;
+        };
+        let len = len.min(self.map.len().saturating_sub(start));
+        if len == 0 {
+            return;
+        }
+        // SAFETY: a read-only shared file mapping: MADV_DONTNEED only removes page-table
+        // entries, and a later access maps the same bytes again from the page cache, so no
+        // reference into the mapping sees a change.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+        };
+    }
+}
+
 /// Where a tensor lives: shard index and position in that shard's tensor list.
 #[derive(Clone, Copy, Debug)]
 struct Loc {

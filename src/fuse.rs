@@ -9,7 +9,10 @@
 //!   page cache) and never `direct_io` (which would break mmap). `O_DIRECT` opens are served.
 //! - Anything that would write gets EROFS (the mount is also read-only for the kernel).
 //! - After mounting, the backing device's `read_ahead_kb` is raised so that sequential readers
-//!   send 1 MiB requests instead of 128 KiB ones (DESIGN §5).
+//!   and mmap faults send many 1 MiB requests at once instead of one 128 KiB one (DESIGN §5).
+//! - A read that is one piece of existing bytes (a range of a parent's shard, a computed
+//!   chunk) is answered from those bytes: the kernel copies straight from the parent's page
+//!   cache (through the shard's mapping) into the child's, with no copy in between.
 //! - SIGINT, SIGTERM and SIGHUP unmount and end the daemon with status 0 (a busy mount is
 //!   detached lazily; a second signal aborts the connection).
 //! - `aoe status MOUNTPOINT` reads the [`STATUS_XATTR`] extended attribute of the root.
@@ -270,14 +273,10 @@ impl Filesystem for AoeFuse {
     ) {
         let fs = self.fs.clone();
         let job: Job = Box::new(move |buf: &mut Vec<u8>| {
-            let size = size as usize;
-            if buf.len() < size {
-                buf.resize(size, 0);
-            }
-            match fs.read(ino.0, fh.0, offset, &mut buf[..size]) {
-                Ok(n) => reply.data(&buf[..n]),
+            fs.read_reply(ino.0, fh.0, offset, size as usize, buf, |r| match r {
+                Ok(bytes) => reply.data(bytes),
                 Err(e) => reply.error(errno(e)),
-            }
+            })
         });
         if let Err(job) = self.pool.submit(job) {
             // The pool is gone (shutting down): answer here.

@@ -125,6 +125,45 @@ impl Layout {
     }
 }
 
+/// Where the child's bytes of one tensor come from.
+enum Stored<'a> {
+    /// The bytes of a parent's shard from the given offset, as they are.
+    Verbatim(&'a Shard, u64),
+    /// Computed chunks of `unit` (`span` bytes of this tensor per chunk).
+    Mixed {
+        unit: usize,
+        is_scale: bool,
+        w: Arc<[f32]>,
+        span: u64,
+    },
+}
+
+/// A range of a child file that exists as one piece of bytes (see [`Child::span`]).
+pub enum Span<'a> {
+    /// `len` bytes of a parent's shard file from `offset` (first tensor `tensor`).
+    Parent {
+        /// The parent's shard.
+        shard: &'a Shard,
+        /// Offset in that file.
+        offset: u64,
+        /// Length.
+        len: usize,
+        /// The tensor at `offset`, for error messages.
+        tensor: &'a str,
+    },
+    /// Bytes `[from, from+len)` of a computed chunk's weight data.
+    Chunk {
+        /// The chunk, held while its bytes are sent.
+        chunk: Arc<Chunk>,
+        /// Its cache key.
+        key: ChunkKey,
+        /// Start in `chunk.data`.
+        from: usize,
+        /// Length.
+        len: usize,
+    },
+}
+
 thread_local! {
     /// Per-thread f32 accumulator of the scale-less FP8 path, reused across chunks.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -299,15 +338,15 @@ impl Child {
         Ok(())
     }
 
-    /// Fills `out` with the child's bytes of base tensor `t` from byte `at` of the tensor.
-    fn fill_tensor(&self, shard: &Shard, t: &TensorInfo, at: u64, out: &mut [u8]) -> Result<()> {
+    /// Where the child's bytes of base tensor `t` (in base shard `shard`) come from.
+    fn stored<'a>(&'a self, shard: &'a Shard, t: &'a TensorInfo) -> Result<Stored<'a>> {
         let models = &self.engine.models;
         let (u, is_scale) = match self.plan.unit_of(&t.name) {
             Some(x) => x,
-            None => return pread(shard, t.start + at, out, &t.name),
+            None => return Ok(Stored::Verbatim(shard, t.start)),
         };
         match self.plan.source(u, models, &self.engine.stats)? {
-            Source::Base => pread(shard, t.start + at, out, &t.name),
+            Source::Base => Ok(Stored::Verbatim(shard, t.start)),
             Source::Donor(k) => {
                 let ck = models.list.get(k).ok_or_else(|| Error::BadRecipe {
                     reason: format!("no model {k}"),
@@ -324,7 +363,7 @@ impl Child {
                         other: dt.shape.clone(),
                     });
                 }
-                pread(ds, dt.start + at, out, &t.name)
+                Ok(Stored::Verbatim(ds, dt.start))
             }
             // A companion that is not the base's FP8 block scales is not computed: it stays the base's.
             Source::Mix(_)
@@ -334,57 +373,194 @@ impl Child {
                         .scale
                         .is_none() =>
             {
-                pread(shard, t.start + at, out, &t.name)
+                Ok(Stored::Verbatim(shard, t.start))
             }
             Source::Mix(w) => {
                 let lay = self.layout(u)?;
-                // Bytes per chunk in this tensor, and the chunk part holding them.
+                // Bytes per chunk in this tensor.
                 let span = if is_scale {
                     (lay.block_rows * lay.cols.div_ceil(FP8_BLOCK) * 4) as u64
                 } else {
                     (lay.per_chunk * t.dtype.size()) as u64
                 };
-                let mut pos = at;
-                let end = at + out.len() as u64;
-                while pos < end {
-                    let c = (pos / span) as usize;
-                    let mut chunk = self.chunk(u, c, &w)?;
-                    if !is_scale && chunk.data.is_empty() {
-                        // Retired after being served once (see `ChunkCache::served`): compute again.
-                        let key = ChunkKey {
-                            variant: self.variant,
-                            unit: u as u32,
-                            chunk: c as u32,
-                        };
-                        self.engine.cache.forget(&key);
-                        chunk = self.chunk(u, c, &w)?;
+                Ok(Stored::Mixed {
+                    unit: u,
+                    is_scale,
+                    w,
+                    span,
+                })
+            }
+        }
+    }
+
+    /// Chunk `c` of unit `u` with its weight bytes present: a chunk retired after being
+    /// served once (see `ChunkCache::served`) is computed again.
+    fn data_chunk(&self, u: usize, c: usize, w: &[f32]) -> Result<Arc<Chunk>> {
+        let chunk = self.chunk(u, c, w)?;
+        if !chunk.data.is_empty() {
+            return Ok(chunk);
+        }
+        self.engine.cache.forget(&self.chunk_key(u, c));
+        self.chunk(u, c, w)
+    }
+
+    fn chunk_key(&self, u: usize, c: usize) -> ChunkKey {
+        ChunkKey {
+            variant: self.variant,
+            unit: u as u32,
+            chunk: c as u32,
+        }
+    }
+
+    /// Fills `out` with the child's bytes of base tensor `t` from byte `at` of the tensor.
+    fn fill_tensor(&self, shard: &Shard, t: &TensorInfo, at: u64, out: &mut [u8]) -> Result<()> {
+        let (u, is_scale, w, span) = match self.stored(shard, t)? {
+            Stored::Verbatim(from, start) => return pread(from, start + at, out, &t.name),
+            Stored::Mixed {
+                unit,
+                is_scale,
+                w,
+                span,
+            } => (unit, is_scale, w, span),
+        };
+        let mut pos = at;
+        let end = at + out.len() as u64;
+        while pos < end {
+            let c = (pos / span) as usize;
+            let chunk = if is_scale {
+                self.chunk(u, c, &w)?
+            } else {
+                self.data_chunk(u, c, &w)?
+            };
+            let part = if is_scale { &chunk.scales } else { &chunk.data };
+            let from = (pos - c as u64 * span) as usize;
+            let take = ((end - pos) as usize).min(part.len().saturating_sub(from));
+            if take == 0 {
+                return Err(Error::BadTensor {
+                    path: shard.path.clone(),
+                    tensor: t.name.clone(),
+                    reason: "computed chunk shorter than the tensor".into(),
+                });
+            }
+            let o = (pos - at) as usize;
+            out[o..o + take].copy_from_slice(&part[from..from + take]);
+            let len = part.len();
+            // Let go of the chunk first, so that the cache can recycle its buffer.
+            drop(chunk);
+            if !is_scale {
+                self.engine.cache.served(self.chunk_key(u, c), take, len);
+            }
+            pos += take as u64;
+        }
+        Ok(())
+    }
+
+    /// `len` bytes of file `file` at `offset` as one piece that already exists (a parent's
+    /// file range, or a computed chunk's bytes), so a reply can be sent without copying it
+    /// into a buffer first. None when the range is not one such piece (it spans the header,
+    /// a mixed and a verbatim tensor, two chunks, ...): [`Child::read`] serves those.
+    pub fn span(&self, file: usize, offset: u64, len: usize) -> Result<Option<Span<'_>>> {
+        let Some(f) = self.files.get(file) else {
+            return Ok(None);
+        };
+        let FileKind::Shard(s) = f.kind else {
+            return Ok(None);
+        };
+        let Some(shard) = self.engine.models.base().shards.get(s) else {
+            return Ok(None);
+        };
+        let end = offset.saturating_add(len as u64).min(f.size);
+        if offset < shard.header_len || end <= offset {
+            return Ok(None);
+        }
+        let first = shard.tensors.partition_point(|t| t.start + t.len <= offset);
+        // The parent range so far: (shard, its start for `offset`, bytes up to `next`).
+        let mut run: Option<(&Shard, u64, &str)> = None;
+        let mut next = offset;
+        for t in shard.tensors.iter().skip(first) {
+            if t.start >= end {
+                break;
+            }
+            let at = next - t.start;
+            let hi = end.min(t.start + t.len);
+            match self.stored(shard, t)? {
+                Stored::Verbatim(from, start) => match run {
+                    None => run = Some((from, start + at, t.name.as_str())),
+                    Some((rs, r0, _))
+                        if std::ptr::eq(from, rs) && r0 + (next - offset) == start + at => {}
+                    Some(_) => return Ok(None),
+                },
+                Stored::Mixed {
+                    unit,
+                    is_scale,
+                    w,
+                    span,
+                } => {
+                    // Computed bytes are a span only when they are the whole range, in one chunk.
+                    let n = (end - offset) as usize;
+                    let c = (at / span) as usize;
+                    if run.is_some()
+                        || is_scale
+                        || hi < end
+                        || (at + n as u64 - 1) / span != c as u64
+                    {
+                        return Ok(None);
                     }
-                    let part = if is_scale { &chunk.scales } else { &chunk.data };
-                    let from = (pos - c as u64 * span) as usize;
-                    let take = ((end - pos) as usize).min(part.len().saturating_sub(from));
-                    if take == 0 {
+                    let from = (at - c as u64 * span) as usize;
+                    let chunk = self.data_chunk(unit, c, &w)?;
+                    if from + n > chunk.data.len() {
                         return Err(Error::BadTensor {
                             path: shard.path.clone(),
                             tensor: t.name.clone(),
                             reason: "computed chunk shorter than the tensor".into(),
                         });
                     }
-                    let o = (pos - at) as usize;
-                    out[o..o + take].copy_from_slice(&part[from..from + take]);
-                    let len = part.len();
-                    // Let go of the chunk first, so that the cache can recycle its buffer.
-                    drop(chunk);
-                    if !is_scale {
-                        let key = ChunkKey {
-                            variant: self.variant,
-                            unit: u as u32,
-                            chunk: c as u32,
-                        };
-                        self.engine.cache.served(key, take, len);
-                    }
-                    pos += take as u64;
+                    return Ok(Some(Span::Chunk {
+                        chunk,
+                        key: self.chunk_key(unit, c),
+                        from,
+                        len: n,
+                    }));
                 }
-                Ok(())
+            }
+            next = hi;
+        }
+        Ok(run.map(|(shard, start, tensor)| Span::Parent {
+            shard,
+            offset: start,
+            len: (end - offset) as usize,
+            tensor,
+        }))
+    }
+
+    /// The bytes of `span` (a parent's range is checked against the file's current size).
+    pub fn span_bytes<'s>(&self, span: &'s Span<'_>) -> Result<&'s [u8]> {
+        match span {
+            Span::Parent {
+                shard,
+                offset,
+                len,
+                tensor,
+            } => shard.range(*offset, *len as u64, tensor),
+            Span::Chunk {
+                chunk, from, len, ..
+            } => Ok(&chunk.data[*from..*from + *len]),
+        }
+    }
+
+    /// Ends the use of `span` once its bytes were sent: unmaps the parent's pages from this
+    /// process (the page cache keeps them), or counts the chunk's bytes as served.
+    pub fn span_done(&self, span: Span<'_>) {
+        match span {
+            Span::Parent {
+                shard, offset, len, ..
+            } => shard.unmap(offset, len),
+            Span::Chunk {
+                chunk, key, len, ..
+            } => {
+                let total = chunk.data.len();
+                drop(chunk);
+                self.engine.cache.served(key, len, total);
             }
         }
     }

@@ -626,9 +626,9 @@ fn page_cache_is_kept_o_direct_is_served_and_read_ahead_is_raised() {
         m.major, m.minor
     ))
     .unwrap();
-    assert_eq!(ra.trim(), "1024");
+    assert_eq!(ra.trim(), "16384");
     assert!(
-        g.log_text().contains("read_ahead_kb 1024"),
+        g.log_text().contains("read_ahead_kb 16384"),
         "{}",
         g.log_text()
     );

@@ -76,8 +76,10 @@ struct Args {
     /// The daemon's log file [default: $XDG_CACHE_HOME/aoe/aoe-mount.log].
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
-    /// read_ahead_kb set on the mount after mounting (0 keeps the kernel's 128).
-    #[arg(long, default_value_t = 1024, value_name = "KB")]
+    /// read_ahead_kb set on the mount after mounting (0 keeps the kernel's 128). A mmap fault
+    /// reads this much around it: 16 MiB keeps 16 requests of 1 MiB in flight, which measured
+    /// 1.6x faster than 1 MiB for a safetensors load.
+    #[arg(long, default_value_t = 16384, value_name = "KB")]
     read_ahead_kb: u32,
     /// Compute ahead of sequential readers, within the tensor being read [default: on with 4 or
     /// more cores; with fewer, prefetch threads compete with the reader and measured slower].
