@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use memmap2::Mmap;
@@ -72,6 +73,9 @@ pub struct Shard {
     pub mtime: SystemTime,
     /// Tensors in data order.
     pub tensors: Vec<TensorInfo>,
+    /// Set when a read of the mapping fell past the file's end (see [`crate::guard`]): the
+    /// mapping then holds zeros there, so it is never read again.
+    retired: AtomicBool,
 }
 
 impl Shard {
@@ -93,7 +97,7 @@ impl Shard {
             .metadata()
             .map_err(|e| Error::io(&self.path, e))?
             .len();
-        if end > now || end > self.map.len() as u64 {
+        if end > now || end > self.map.len() as u64 || self.retired.load(Ordering::Acquire) {
             return Err(changed());
         }
         self.map
@@ -103,6 +107,17 @@ impl Shard {
 }
 
 impl Shard {
+    /// Whether address `addr` lies in this shard's mapping.
+    pub fn maps(&self, addr: usize) -> bool {
+        let p = self.map.as_ptr() as usize;
+        (p..p + self.map.len()).contains(&addr)
+    }
+
+    /// Stops all further reads of the mapping: a read of it fell past the file's end.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
     /// Drops this process's page-table entries for bytes `[start, start+len)` of the mapping
     /// (pages the kernel touched while sending them from it), so they stop counting in the
     /// daemon's RSS; the page cache keeps the bytes. Best effort: a failure only costs RSS.
@@ -328,6 +343,7 @@ fn open_shard(dir: &Path, name: &str) -> Result<Shard> {
         size,
         mtime,
         tensors,
+        retired: AtomicBool::new(false),
     })
 }
 

@@ -12,6 +12,7 @@ pub mod error;
 pub mod fixture;
 pub mod fs;
 pub mod fuse;
+pub mod guard;
 pub mod kernels;
 pub mod models;
 pub mod plan;

@@ -95,7 +95,7 @@ pub struct TensorSource<'a> {
     pub scale: Option<(&'a Shard, &'a TensorInfo)>,
 }
 
-impl TensorSource<'_> {
+impl<'a> TensorSource<'a> {
     /// Reads the stored bytes of elements `[e0, e1)` into `buf` with pread and returns them.
     /// No mapping is touched, so reading the parents costs no RSS and no TLB shootdowns, and a
     /// file that shrank gives an error instead of SIGBUS. `buf` keeps its capacity for reuse.
@@ -131,6 +131,31 @@ impl TensorSource<'_> {
                 _ => Error::io(&self.shard.path, e),
             })?;
         Ok(out)
+    }
+
+    /// The stored bytes of elements `[e0, e1)` in the shard's mapping, after checking that
+    /// the file still holds them. Read them inside [`crate::guard::guarded`] (the file may
+    /// shrink meanwhile) and give them back with [`TensorSource::unmap_elements`].
+    pub fn mapped_elements(&self, e0: usize, e1: usize) -> Result<&'a [u8]> {
+        let sz = self.info.dtype.size() as u64;
+        let (start, len) = ((e0 as u64) * sz, ((e1.saturating_sub(e0)) as u64) * sz);
+        if e1 < e0 || start + len > self.info.len {
+            return Err(Error::BadTensor {
+                path: self.shard.path.clone(),
+                tensor: self.info.name.clone(),
+                reason: format!("element range {e0}..{e1} out of bounds"),
+            });
+        }
+        self.shard
+            .range(self.info.start + start, len, &self.info.name)
+    }
+
+    /// Drops the pages of elements `[e0, e1)` from this process's page tables again.
+    pub fn unmap_elements(&self, e0: usize, e1: usize) {
+        let sz = self.info.dtype.size() as u64;
+        let start = self.info.start + e0 as u64 * sz;
+        self.shard
+            .unmap(start, (e1.saturating_sub(e0) as u64 * sz) as usize);
     }
 
     /// The f32 block scales of block rows `[b0, b1)`, row-major, into `out`.

@@ -167,8 +167,6 @@ pub enum Span<'a> {
 thread_local! {
     /// Per-thread f32 accumulator of the scale-less FP8 path, reused across chunks.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Per-thread read buffers, one per model, reused across chunks.
-    static READ_BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Child {
@@ -635,10 +633,10 @@ impl Child {
         for i in 0..w.len() {
             srcs.push(models.source(i, &unit.weight)?);
         }
-        let mut bufs = READ_BUFS.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        bufs.resize_with(bufs.len().max(w.len()), Vec::new);
-        let result = self.mix_chunk(&srcs, w, e0, e1, r0, r1, cols, &mut bufs);
-        READ_BUFS.with(|b| *b.borrow_mut() = bufs);
+        let result = self.mix_chunk(&srcs, w, e0, e1, r0, r1, cols);
+        for src in &srcs {
+            src.unmap_elements(e0, e1);
+        }
         result
     }
 
@@ -652,7 +650,6 @@ impl Child {
         r0: usize,
         r1: usize,
         cols: usize,
-        bufs: &mut [Vec<u8>],
     ) -> Result<Chunk> {
         let n = e1 - e0;
         let base = srcs.first().ok_or_else(|| Error::BadRecipe {
@@ -662,13 +659,13 @@ impl Child {
         // Each model's bytes and block scales for the band.
         let mut scale_rows: Vec<Vec<f32>> = Vec::with_capacity(w.len());
         let mut bytes = Vec::with_capacity(w.len());
-        for (src, buf) in srcs.iter().zip(bufs.iter_mut()) {
+        for src in srcs {
             let mut sc = Vec::new();
             if src.info.dtype == DType::F8E4M3 && src.scale.is_some() {
                 src.scale_rows(r0 / FP8_BLOCK, r1.div_ceil(FP8_BLOCK), &mut sc)?;
             }
             scale_rows.push(sc);
-            bytes.push(src.read_elements(e0, e1, buf)?);
+            bytes.push(src.mapped_elements(e0, e1)?);
         }
         let inputs: Vec<kernels::MixInput<'_>> = srcs
             .iter()
@@ -685,15 +682,14 @@ impl Child {
             .collect();
         let mut data = self.engine.cache.take_buffer(n * out_dtype.size());
         data.resize(n * out_dtype.size(), 0);
-        let mut scale_bytes = Vec::new();
-        match (out_dtype, base.scale.is_some()) {
+        let mut scales = Vec::new();
+        // The inputs are the parents' mappings: a file that shrank after its size was checked
+        // reads as zeros where it lost pages, and the chunk is thrown away.
+        let ((), fault) = crate::guard::guarded(|| match (out_dtype, base.scale.is_some()) {
             (DType::F8E4M3, true) => {
                 let nb = (r1 - r0).div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK);
-                let mut scales = vec![0f32; nb];
+                scales.resize(nb, 0f32);
                 kernels::mix(&inputs, cols, out_dtype, &mut data, Some(&mut scales));
-                scale_bytes = self.engine.cache.take_buffer(nb * 4);
-                scale_bytes.clear();
-                scale_bytes.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
             }
             (DType::F8E4M3, false) => {
                 // An FP8 weight without block scales: the plain cast, scale 1.
@@ -711,6 +707,20 @@ impl Child {
                 });
             }
             (dt, _) => kernels::mix(&inputs, cols, dt, &mut data, None),
+        });
+        if let Some(addr) = fault {
+            let hit = srcs.iter().find(|s| s.shard.maps(addr)).unwrap_or(base);
+            hit.shard.retire();
+            return Err(Error::ParentChanged {
+                path: hit.shard.path.clone(),
+                tensor: hit.info.name.clone(),
+            });
+        }
+        let mut scale_bytes = Vec::new();
+        if !scales.is_empty() {
+            scale_bytes = self.engine.cache.take_buffer(scales.len() * 4);
+            scale_bytes.clear();
+            scale_bytes.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
         }
         Ok(Chunk {
             data,
