@@ -56,6 +56,9 @@
 //! [`mix`] is the fused hot path: it decodes, (de)quantizes, mixes and encodes in L1/L2-sized
 //! tiles (512 elements; FP8 output: 128 rows × 512 columns in a reused 256 KiB thread-local
 //! scratch, rows read as runs with software prefetch) and never materializes a full f32 copy.
+//! Its common case, two FP8 parents with block scales into FP8, has one fused kernel on
+//! AVX-512 with VBMI (`x86::mix2_fp8_band_vbmi`: table decode, two passes over each block
+//! row, no f32 scratch; `AOE_KERNELS=avx512-novbmi` turns it off).
 //! `benches/kernels.rs` measures it against memcpy.
 
 #![allow(clippy::needless_range_loop)]
@@ -74,7 +77,7 @@ pub const FP8_MAX: f32 = 448.0;
 
 /// FP8 E4M3FN code → f32 (exact; `0x7f`/`0xff` → quiet NaN with sign).
 #[inline(always)]
-pub fn fp8_to_f32(code: u8) -> f32 {
+pub const fn fp8_to_f32(code: u8) -> f32 {
     let c = code as u32;
     let mag = c & 0x7f;
     // Normal codes: move exponent+mantissa into place and rebias (7 → 127).
@@ -218,6 +221,31 @@ pub fn simd_level() -> SimdLevel {
             };
             LEVEL.store(v, Ordering::Relaxed);
             l
+        }
+    }
+}
+
+/// Whether the AVX-512 level may also use VBMI (`vpermi2b`, see [`x86::mix2_fp8_vbmi`]);
+/// `AOE_KERNELS=avx512-novbmi` (or, in tests, [`tests::without_vbmi`]) turns it off.
+fn vbmi_enabled() -> bool {
+    #[cfg(test)]
+    if tests::NO_VBMI.with(|v| v.get()) {
+        return false;
+    }
+    static VBMI: AtomicU8 = AtomicU8::new(0);
+    match VBMI.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            #[cfg(target_arch = "x86_64")]
+            let v = best_level() == SimdLevel::Avx512
+                && is_x86_feature_detected!("avx512vbmi")
+                && std::env::var("AOE_KERNELS").ok().as_deref().map(str::trim)
+                    != Some("avx512-novbmi");
+            #[cfg(not(target_arch = "x86_64"))]
+            let v = false;
+            VBMI.store(1 + v as u8, Ordering::Relaxed);
+            v
         }
     }
 }
@@ -713,14 +741,28 @@ fn amax_k(x: &[u32; FP8_BLOCK]) -> u32 {
 /// and falling back to division only near FP8 rounding midpoints gives the same bits, but
 /// measured no faster here: the divider runs beside the integer encoding, which dominates.)
 #[inline(always)]
-fn quant_k(x: &[f32], scale: f32, out: &mut [u8]) {
+fn quant_k<const LV: u8>(x: &[f32], scale: f32, out: &mut [u8]) {
     chunked!(x, 1, out, 1, |c, o| {
         let c: &[f32; L] = arr(c);
         let o: &mut [u8; L] = arr_mut(o);
-        for j in 0..L {
-            o[j] = f32_to_fp8(c[j] / scale);
+        #[cfg(target_arch = "x86_64")]
+        if LV == LV_AVX512 {
+            // SAFETY: LV_AVX512 instances only run inside the AVX-512 `multiversion!` wrapper,
+            // which runs only on CPUs with AVX-512 F/BW.
+            unsafe { x86::quant_avx512(c, scale, o) };
+        } else {
+            quant_chunk(c, scale, o);
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        quant_chunk(c, scale, o);
     })
+}
+
+#[inline(always)]
+fn quant_chunk(c: &[f32; L], scale: f32, o: &mut [u8; L]) {
+    for j in 0..L {
+        o[j] = f32_to_fp8(c[j] / scale);
+    }
 }
 
 /// `lanes[j] = max(lanes[j], |x[j]| bits)`: block amaxes are kept as 128 lanes across the rows
@@ -772,7 +814,7 @@ fn sq_k(lanes: &mut [f64; 8], a: &[f32], b: &[f32]) {
 /// The few kernels where explicit x86 intrinsics pay.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::L;
+    use super::{FP8_BLOCK, L};
     use std::arch::x86_64::*;
 
     // FP8 E4M3FN → f32 through the F16 converter: for a code c, the 16-bit pattern
@@ -817,6 +859,356 @@ mod x86 {
             }
         }
         out
+    }
+
+    /// `f32_to_fp8(q)` of 16 floats, as dwords 0..=255.
+    ///
+    /// [`super::f32_to_fp8`] rearranged to fewer instructions, the same function of the bits:
+    /// the rebias is folded into the rounding constant; values above 464 (and inf, NaN) come
+    /// out of the normal formula as ≥ 0x7f (the rounding is monotonic and 464 + ulp already
+    /// gives 0x7f), so an unsigned min replaces that compare and select; the subnormal result
+    /// (`|q| + 2^14` bits, 0x4680_0000 + m, m ≤ 8) and the sign are merged by one bit select
+    /// that keeps only the low 7 bits of the former.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    fn enc16(q: __m512) -> __m512i {
+        let q = _mm512_castps_si512(q);
+        let a = _mm512_and_si512(q, _mm512_set1_epi32(0x7fff_ffff));
+        let odd = _mm512_test_epi32_mask(a, _mm512_set1_epi32(1 << 20));
+        // (a + 0x7ffff + odd) >> 20 − 0x3c0 == (a + 0x7ffff + odd − 0x3c00_0000) >> 20 when
+        // a ≥ 0x3c80_0000 (and no wrap: a ≤ 0x7fff_ffff).
+        let t = _mm512_mask_add_epi32(
+            _mm512_add_epi32(a, _mm512_set1_epi32(0x7_ffff - 0x3c00_0000)),
+            odd,
+            a,
+            _mm512_set1_epi32(0x8_0000 - 0x3c00_0000),
+        );
+        let normal = _mm512_srli_epi32::<20>(t);
+        let sub = _mm512_castps_si512(_mm512_add_ps(
+            _mm512_castsi512_ps(a),
+            _mm512_set1_ps(16384.0),
+        ));
+        let is_normal = _mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(0x3c80_0000));
+        let low7 = _mm512_set1_epi32(0x7f);
+        let m = _mm512_mask_min_epu32(sub, is_normal, normal, low7);
+        // (m & 0x7f) | ((q >> 24) & 0x80): bit select by 0x7f (imm 0xe4 = C ? A : B).
+        _mm512_ternarylogic_epi32::<0xe4>(m, _mm512_srli_epi32::<24>(q), low7)
+    }
+
+    /// The bytes of 4 × 16 dwords 0..=255, in order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    fn pack64(v: [__m512i; 4]) -> __m512i {
+        // The saturating packs are exact on 0..=255. They work within 128-bit lanes, leaving
+        // dword 4·lane + j = elements 16·j + 4·lane..+4; the permute puts them in order.
+        let p = _mm512_packus_epi16(
+            _mm512_packus_epi32(v[0], v[1]),
+            _mm512_packus_epi32(v[2], v[3]),
+        );
+        let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_epi32(idx, p)
+    }
+
+    /// `f32_to_fp8(x[i] / scale)` for 64 values (a true division, as [`super::quant_k`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    pub(super) unsafe fn quant_avx512(x: &[f32; L], scale: f32, out: &mut [u8; L]) {
+        let sv = _mm512_set1_ps(scale);
+        let mut v = [_mm512_setzero_si512(); 4];
+        for (k, v) in v.iter_mut().enumerate() {
+            // SAFETY: 16 floats at 16·k < L are in `x`; unaligned load.
+            let xv = unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * k)) };
+            *v = enc16(_mm512_div_ps(xv, sv));
+        }
+        // SAFETY: `out` holds 64 bytes; unaligned store.
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), pack64(v)) };
+    }
+
+    /// The table of [`Mix2`]: byte 2 (`[0]`) and byte 3 (`[1]`) of the f32 bits of
+    /// [`super::fp8_to_f32`] of the codes 0..=127. Bytes 0 and 1 are 0 for every code (3
+    /// mantissa bits at most); the sign is bit 7 of byte 3, the code's bit 7.
+    static FP8_PLANES: [[u8; 128]; 2] = {
+        let mut t = [[0u8; 128]; 2];
+        let mut c = 0;
+        while c < 128 {
+            let b = super::fp8_to_f32(c as u8).to_bits();
+            assert!(b & 0xffff == 0);
+            t[0][c] = (b >> 16) as u8;
+            t[1][c] = (b >> 24) as u8;
+            c += 1;
+        }
+        t
+    };
+
+    /// `add_nan_first(wa·(fp8(a)·sa), wb·(fp8(b)·sb))` of 64 code pairs with AVX-512 VBMI.
+    ///
+    /// Decoding: two 128-entry byte-table lookups per 64 codes (`vpermi2b` ignores index
+    /// bit 7, the sign), the sign merged into the top byte, then byte and word unpacks with
+    /// zeros build the f32 bits: exact by construction. The unpacks work within 128-bit lanes,
+    /// so the 4 × 16 results come in *lane order*: vector j, dword 4·l + i holds element
+    /// 16·l + 4·j + i. Both parents share it (the mix is elementwise, the amax order-free),
+    /// and [`pack64_lanes`] undoes it.
+    ///
+    /// The scales and weights are not NaN ([`band_ok`]), so only the add needs the explicit
+    /// NaN select (`SAFE`), and only in blocks where some NaN occurs.
+    struct Mix2 {
+        lo: [__m512i; 2],
+        hi: [__m512i; 2],
+        w: [__m512; 2],
+    }
+
+    impl Mix2 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2")]
+        fn new(wa: f32, wb: f32) -> Mix2 {
+            let ld = |p: &[u8]| {
+                // SAFETY: 64 bytes of the table; unaligned load.
+                unsafe { _mm512_loadu_si512(p.as_ptr().cast()) }
+            };
+            let [lo, hi] = &FP8_PLANES;
+            Mix2 {
+                lo: [ld(&lo[..64]), ld(&lo[64..])],
+                hi: [ld(&hi[..64]), ld(&hi[64..])],
+                w: [_mm512_set1_ps(wa), _mm512_set1_ps(wb)],
+            }
+        }
+
+        /// The 64 codes' values times `s`, in lane order.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2")]
+        fn dec(&self, c: __m512i, s: __m512) -> [__m512; 4] {
+            let lo = _mm512_permutex2var_epi8(self.lo[0], c, self.lo[1]);
+            // hi | (code & 0x80)
+            let hi = _mm512_ternarylogic_epi32::<0xf8>(
+                _mm512_permutex2var_epi8(self.hi[0], c, self.hi[1]),
+                c,
+                _mm512_set1_epi8(0x80u8 as i8),
+            );
+            let z = _mm512_setzero_si512();
+            let (w0, w1) = (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi));
+            [
+                _mm512_unpacklo_epi16(z, w0),
+                _mm512_unpackhi_epi16(z, w0),
+                _mm512_unpacklo_epi16(z, w1),
+                _mm512_unpackhi_epi16(z, w1),
+            ]
+            .map(|v| _mm512_mul_ps(_mm512_castsi512_ps(v), s))
+        }
+
+        /// The mix of 64 code pairs, in lane order. Without `SAFE` the add is a plain one:
+        /// exact where no operand is NaN.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2")]
+        fn mix<const SAFE: bool>(
+            &self,
+            ca: __m512i,
+            sa: __m512,
+            cb: __m512i,
+            sb: __m512,
+        ) -> [__m512; 4] {
+            let da = self.dec(ca, sa);
+            let db = self.dec(cb, sb);
+            let mut r = [_mm512_setzero_ps(); 4];
+            for j in 0..4 {
+                let pa = _mm512_mul_ps(self.w[0], da[j]);
+                let pb = _mm512_mul_ps(self.w[1], db[j]);
+                r[j] = if SAFE {
+                    // add_nan_first: a NaN `pa` is kept as is (LLVM may swap the add's
+                    // operands).
+                    let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(pa, pa);
+                    _mm512_mask_add_ps(pa, ord, pa, pb)
+                } else {
+                    _mm512_add_ps(pa, pb)
+                };
+            }
+            r
+        }
+    }
+
+    /// [`pack64`] of 4 × 16 dwords in lane order (see [`Mix2`]): the in-lane packs alone
+    /// restore the element order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    fn pack64_lanes(v: [__m512i; 4]) -> __m512i {
+        _mm512_packus_epi16(
+            _mm512_packus_epi32(v[0], v[1]),
+            _mm512_packus_epi32(v[2], v[3]),
+        )
+    }
+
+    /// Up to 64 bytes at `p` (`n` ≤ 64 of them readable), zeros past `n`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    unsafe fn load_codes(p: *const u8, n: usize) -> __m512i {
+        if n == L {
+            // SAFETY: the caller's `n` bytes; unaligned.
+            unsafe { _mm512_loadu_si512(p.cast()) }
+        } else {
+            // SAFETY: masked-off bytes are not accessed (no fault).
+            unsafe { _mm512_maskz_loadu_epi8(u64::MAX >> (64 - n), p.cast()) }
+        }
+    }
+
+    /// Columns per pass of [`mix2_fp8_band_vbmi`] (32 blocks): the 128 rows of both parents,
+    /// 1 MiB, stay in L2 for the second pass.
+    const BAND_COLS: usize = 32 * FP8_BLOCK;
+
+    /// Whether [`mix2_fp8_band_vbmi`] takes a block row with these scales and weights: none
+    /// NaN. Then every NaN the mix can make is a NaN code's (`0x7fc0_0000` with a sign) or the
+    /// default NaN (`0xffc0_0000`, from 0·inf or inf − inf), and `value·s`, `w·d` return the
+    /// same NaN whatever their operand order.
+    pub(super) fn band_ok(sa: &[f32], sb: &[f32], wa: f32, wb: f32) -> bool {
+        !sa.iter().chain(sb).chain([&wa, &wb]).any(|x| x.is_nan())
+    }
+
+    /// [`super::mix`] of one block row of two FP8 parents with block scales into FP8: rows
+    /// `r0..r0 + rows` of the `cols`-wide inputs `a`, `b` (whole tensors: the prefetch
+    /// looks one row ahead, into the next band too), their block row's scales `sa`, `sb`
+    /// (with the weights: [`band_ok`]); writes the band's codes `out` and scales `out_scales`.
+    ///
+    /// Two passes per 4096 columns instead of a stored f32 tile: the first streams the rows
+    /// (sequential runs, so the hardware prefetchers help) and folds the block amaxes, the
+    /// second recomputes the same mix from L2 and quantizes it. Recomputing is exact (the
+    /// same operations on the same inputs) and cheaper than the tile's memory traffic.
+    ///
+    /// NaN: with [`band_ok`] scales and weights all NaNs here have `|bits| = 0x7fc0_0000`,
+    /// so the amax is the same whichever operand's NaN the add returns, and a plain add is
+    /// exact where neither operand is NaN. The first pass therefore adds plainly; in a block
+    /// whose amax is NaN the second pass adds with the NaN select.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn mix2_fp8_band_vbmi(
+        a: &[u8],
+        sa: &[f32],
+        wa: f32,
+        b: &[u8],
+        sb: &[f32],
+        wb: f32,
+        cols: usize,
+        r0: usize,
+        rows: usize,
+        out: &mut [u8],
+        out_scales: &mut [f32],
+    ) {
+        let nbc = cols.div_ceil(FP8_BLOCK);
+        assert!(
+            a.len() == b.len()
+                && a.len() >= (r0 + rows) * cols
+                && out.len() == rows * cols
+                && sa.len() == nbc
+                && sb.len() == nbc
+                && out_scales.len() == nbc
+                && band_ok(sa, sb, wa, wb)
+        );
+        let m = Mix2::new(wa, wb);
+        let (pa, pb, po) = (a.as_ptr(), b.as_ptr(), out.as_mut_ptr());
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        let mut c0 = 0;
+        while c0 < cols {
+            let c1 = (c0 + BAND_COLS).min(cols);
+            let (b0, nb) = (c0 / FP8_BLOCK, (c1 - c0).div_ceil(FP8_BLOCK));
+            let mut amax = [_mm512_setzero_si512(); BAND_COLS / FP8_BLOCK];
+            for r in r0..r0 + rows {
+                // The next row's runs (in the next band after the last row), if any.
+                let ahead = (r + 1 < a.len() / cols).then_some((r + 1) * cols);
+                for (bi, amax) in amax[..nb].iter_mut().enumerate() {
+                    let (s_a, s_b) = (_mm512_set1_ps(sa[b0 + bi]), _mm512_set1_ps(sb[b0 + bi]));
+                    let cb = c0 + bi * FP8_BLOCK;
+                    let mut c = cb;
+                    while c < (cb + FP8_BLOCK).min(c1) {
+                        let n = L.min(c1 - c);
+                        let k = r * cols + c;
+                        if let Some(k) = ahead {
+                            // SAFETY: inside the inputs (row r + 1 exists); prefetches never
+                            // fault.
+                            unsafe {
+                                _mm_prefetch::<_MM_HINT_T0>(pa.add(k + c).cast());
+                                _mm_prefetch::<_MM_HINT_T0>(pb.add(k + c).cast());
+                            }
+                        }
+                        // SAFETY: `n` bytes at `k` are inside both inputs (asserted shape).
+                        let (ca, cb) =
+                            unsafe { (load_codes(pa.add(k), n), load_codes(pb.add(k), n)) };
+                        // Padding codes are 0: value 0, no effect on the amax.
+                        for v in m.mix::<false>(ca, s_a, cb, s_b) {
+                            *amax = _mm512_max_epu32(
+                                *amax,
+                                _mm512_and_si512(_mm512_castps_si512(v), abs),
+                            );
+                        }
+                        c += n;
+                    }
+                }
+            }
+            let mut amax_bits = [0u32; BAND_COLS / FP8_BLOCK];
+            for bi in 0..nb {
+                amax_bits[bi] = _mm512_reduce_max_epu32(amax[bi]);
+                out_scales[b0 + bi] = super::block_scale(amax_bits[bi]);
+            }
+            for r in r0..r0 + rows {
+                for bi in 0..nb {
+                    let args = (
+                        &m,
+                        _mm512_set1_ps(sa[b0 + bi]),
+                        _mm512_set1_ps(sb[b0 + bi]),
+                        _mm512_set1_ps(out_scales[b0 + bi]),
+                    );
+                    let cb = c0 + bi * FP8_BLOCK;
+                    let (cs, ce) = (cb, (cb + FP8_BLOCK).min(c1));
+                    // SAFETY: row r, columns cs..ce are inside the inputs and (row r − r0)
+                    // inside `out` (asserted shape).
+                    unsafe {
+                        if amax_bits[bi] > 0x7f80_0000 {
+                            quant_run::<true>(args, pa, pb, po, cols, r, r0, cs, ce)
+                        } else {
+                            quant_run::<false>(args, pa, pb, po, cols, r, r0, cs, ce)
+                        }
+                    }
+                }
+            }
+            c0 = c1;
+        }
+    }
+
+    /// The second pass of [`mix2_fp8_band_vbmi`] over row `r`, columns `cs..ce` of one block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn quant_run<const SAFE: bool>(
+        (m, s_a, s_b, s): (&Mix2, __m512, __m512, __m512),
+        pa: *const u8,
+        pb: *const u8,
+        po: *mut u8,
+        cols: usize,
+        r: usize,
+        r0: usize,
+        cs: usize,
+        ce: usize,
+    ) {
+        let mut c = cs;
+        while c < ce {
+            let n = L.min(ce - c);
+            let k = r * cols + c;
+            // SAFETY: the caller's ranges.
+            let (ca, cb) = unsafe { (load_codes(pa.add(k), n), load_codes(pb.add(k), n)) };
+            let v = m
+                .mix::<SAFE>(ca, s_a, cb, s_b)
+                .map(|x| enc16(_mm512_div_ps(x, s)));
+            let o = (r - r0) * cols + c;
+            // SAFETY: the caller's ranges.
+            unsafe {
+                if n == L {
+                    _mm512_storeu_si512(po.add(o).cast(), pack64_lanes(v));
+                } else {
+                    _mm512_mask_storeu_epi8(
+                        po.add(o).cast(),
+                        u64::MAX >> (64 - n),
+                        pack64_lanes(v),
+                    );
+                }
+            }
+            c += n;
+        }
     }
 
     /// The AVX2 + F16C version of [`fp8_scaled_avx512`].
@@ -1057,7 +1449,7 @@ multiversion! {
             let mut c0 = 0;
             while c0 < cols {
                 let c1 = (c0 + TILE_COLS).min(cols);
-                quant_tile(&band[c0..], cols, rows, c0, c1, cols, codes, &mut scales[br * nbc..]);
+                quant_tile::<LV>(&band[c0..], cols, rows, c0, c1, cols, codes, &mut scales[br * nbc..]);
                 c0 = c1;
             }
         }
@@ -1069,7 +1461,7 @@ multiversion! {
     /// Test probe: `quant_k` with a given scale over a whole slice.
     fn quant_mv_probe<LV>(x: &[f32], scale: f32, out: &mut [u8]) {
         for (seg, o) in x.chunks(FP8_BLOCK).zip(out.chunks_mut(FP8_BLOCK)) {
-            quant_k(seg, scale, o);
+            quant_k::<LV>(seg, scale, o);
         }
     }
 }
@@ -1105,7 +1497,7 @@ const TILE_COLS: usize = 4 * FP8_BLOCK;
 /// (stride `cols`), `scales` the block row's scales.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn quant_tile(
+fn quant_tile<const LV: u8>(
     t: &[f32],
     ts: usize,
     rows: usize,
@@ -1121,7 +1513,7 @@ fn quant_tile(
         let row = &t[r * ts..r * ts + w];
         tile_row_amax(&mut lanes, row);
     }
-    quant_tile_lanes(t, ts, rows, c0, c1, cols, codes, scales, &lanes)
+    quant_tile_lanes::<LV>(t, ts, rows, c0, c1, cols, codes, scales, &lanes)
 }
 
 /// Folds one row of a tile into its per-block amax lanes.
@@ -1136,7 +1528,7 @@ fn tile_row_amax(lanes: &mut [[u32; FP8_BLOCK]; TILE_COLS / FP8_BLOCK], row: &[f
 /// not matter, so folding each row while it is hot in L1 gives the same scales).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn quant_tile_lanes(
+fn quant_tile_lanes<const LV: u8>(
     t: &[f32],
     ts: usize,
     rows: usize,
@@ -1162,7 +1554,7 @@ fn quant_tile_lanes(
             .zip(out.chunks_mut(FP8_BLOCK))
             .zip(&sc)
         {
-            quant_k(seg, *s, o);
+            quant_k::<LV>(seg, *s, o);
         }
     }
 }
@@ -1545,9 +1937,31 @@ multiversion! {
         tile: &mut [f32],
     ) {
         let (nrows, nbr, nbc) = band_dims(n, cols);
+        let vbmi = LV == LV_AVX512 && vbmi_enabled();
         for br in 0..nbr {
             let r0 = br * FP8_BLOCK;
             let rows = FP8_BLOCK.min(nrows - r0);
+            // Two FP8 parents with block scales (the common case): one fused kernel per block
+            // row on AVX-512 VBMI, unless a scale or weight is NaN (then which NaN wins in
+            // `value × scale` needs the selects of the generic path).
+            #[cfg(target_arch = "x86_64")]
+            if let (true, [p, q]) = (vbmi, inputs) {
+                if let (DType::F8E4M3, DType::F8E4M3, Some(ps), Some(qs)) = (p.dtype, q.dtype, p.scales, q.scales) {
+                    let blk = br * nbc..(br + 1) * nbc;
+                    let (ps, qs) = (&ps[blk.clone()], &qs[blk.clone()]);
+                    if x86::band_ok(ps, qs, p.weight, q.weight) {
+                        // SAFETY: the CPU has AVX-512 F/BW/VL and VBMI (`vbmi`).
+                        unsafe {
+                            x86::mix2_fp8_band_vbmi(
+                                p.bytes, ps, p.weight, q.bytes, qs, q.weight, cols, r0, rows,
+                                &mut out[r0 * cols..(r0 + rows) * cols],
+                                &mut out_scales[blk],
+                            )
+                        };
+                        continue;
+                    }
+                }
+            }
             let mut c0 = 0;
             while c0 < cols {
                 let c1 = (c0 + TILE_COLS).min(cols);
@@ -1601,7 +2015,7 @@ multiversion! {
                     tile_row_amax(&mut lanes, &tile[r * w..(r + 1) * w]);
                 }
                 let codes = &mut out[r0 * cols..(r0 + rows) * cols];
-                quant_tile_lanes(tile, w, rows, c0, c1, cols, codes, &mut out_scales[br * nbc..], &lanes);
+                quant_tile_lanes::<LV>(tile, w, rows, c0, c1, cols, codes, &mut out_scales[br * nbc..], &lanes);
                 c0 = c1;
             }
         }
@@ -2098,6 +2512,32 @@ pub mod scalar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Set while a test runs the AVX-512 level without its VBMI paths ([`vbmi_enabled`]).
+        pub(super) static NO_VBMI: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Every level this machine can run, the AVX-512 one both with and without VBMI:
+    /// (level, VBMI allowed, label).
+    fn level_configs() -> Vec<(SimdLevel, bool, String)> {
+        let mut v = Vec::new();
+        for lv in available_levels() {
+            v.push((lv, true, format!("{lv:?}")));
+            if lv == SimdLevel::Avx512 {
+                v.push((lv, false, format!("{lv:?} without VBMI")));
+            }
+        }
+        v
+    }
+
+    /// Runs `f` on this thread with the VBMI paths allowed or not.
+    fn with_vbmi<R>(vbmi: bool, f: impl FnOnce() -> R) -> R {
+        NO_VBMI.with(|v| v.set(!vbmi));
+        let r = f();
+        NO_VBMI.with(|v| v.set(false));
+        r
+    }
 
     /// splitmix64: a tiny deterministic RNG.
     struct Rng(u64);
@@ -3043,27 +3483,29 @@ mod tests {
                         &mut want,
                         fp8.then_some(&mut want_s[..]),
                     );
-                    for lv in available_levels() {
+                    for (lv, vbmi, lvs) in level_configs() {
                         let mut got = vec![0u8; n * size + 1];
                         let mut got_s = vec![0f32; nb];
-                        mix_at(
-                            lv,
-                            &inputs,
-                            cols,
-                            out_dt,
-                            &mut got[1..],
-                            fp8.then_some(&mut got_s[..]),
-                        );
+                        with_vbmi(vbmi, || {
+                            mix_at(
+                                lv,
+                                &inputs,
+                                cols,
+                                out_dt,
+                                &mut got[1..],
+                                fp8.then_some(&mut got_s[..]),
+                            )
+                        });
                         same(
                             &got[1..],
                             &want[..],
-                            &format!("mix {rows}x{cols} k={k} -> {out_dt} {lv:?}"),
+                            &format!("mix {rows}x{cols} k={k} -> {out_dt} {lvs}"),
                         );
                         if fp8 {
                             same(
                                 &bits(&got_s),
                                 &bits(&want_s),
-                                &format!("mix scales {rows}x{cols} {lv:?}"),
+                                &format!("mix scales {rows}x{cols} {lvs}"),
                             );
                         }
                     }
@@ -3128,15 +3570,17 @@ mod tests {
                 let mut want = vec![0u8; rows * cols];
                 let mut want_s = vec![0f32; nb];
                 scalar::mix(&inputs, cols, DType::F8E4M3, &mut want, Some(&mut want_s));
-                for lv in available_levels() {
+                for (lv, vbmi, lvs) in level_configs() {
                     let mut got = vec![0u8; rows * cols];
                     let mut got_s = vec![0f32; nb];
-                    mix_at(lv, &inputs, cols, DType::F8E4M3, &mut got, Some(&mut got_s));
-                    same(&got, &want, &format!("{rows}x{cols} k={k} {lv:?}"));
+                    with_vbmi(vbmi, || {
+                        mix_at(lv, &inputs, cols, DType::F8E4M3, &mut got, Some(&mut got_s))
+                    });
+                    same(&got, &want, &format!("{rows}x{cols} k={k} {lvs}"));
                     same(
                         &bits(&got_s),
                         &bits(&want_s),
-                        &format!("scales {rows}x{cols} k={k} {lv:?}"),
+                        &format!("scales {rows}x{cols} k={k} {lvs}"),
                     );
                 }
             }
@@ -3148,7 +3592,13 @@ mod tests {
         // Finite codes and normal scales, so that every block's result is finite and any
         // difference in the fused two-parent pass shows in codes or scales.
         let mut rng = Rng(77);
-        for &(rows, cols) in &[(128usize, 128usize), (256, 300), (130, 1000), (1, 7)] {
+        for &(rows, cols) in &[
+            (128usize, 128usize),
+            (256, 300),
+            (130, 1000),
+            (1, 7),
+            (130, 4500),
+        ] {
             let nb = rows.div_ceil(128) * cols.div_ceil(128);
             let owned: Vec<(Vec<u8>, Vec<f32>)> = (0..2)
                 .map(|_| {
@@ -3172,16 +3622,102 @@ mod tests {
             let mut want = vec![0u8; rows * cols];
             let mut want_s = vec![0f32; nb];
             scalar::mix(&inputs, cols, DType::F8E4M3, &mut want, Some(&mut want_s));
-            for lv in available_levels() {
+            for (lv, vbmi, lvs) in level_configs() {
                 let mut got = vec![0u8; rows * cols];
                 let mut got_s = vec![0f32; nb];
-                mix_at(lv, &inputs, cols, DType::F8E4M3, &mut got, Some(&mut got_s));
-                same(&got, &want, &format!("{rows}x{cols} {lv:?}"));
+                with_vbmi(vbmi, || {
+                    mix_at(lv, &inputs, cols, DType::F8E4M3, &mut got, Some(&mut got_s))
+                });
+                same(&got, &want, &format!("{rows}x{cols} {lvs}"));
                 same(
                     &bits(&got_s),
                     &bits(&want_s),
-                    &format!("scales {rows}x{cols} {lv:?}"),
+                    &format!("scales {rows}x{cols} {lvs}"),
                 );
+            }
+        }
+    }
+
+    /// The fused two-FP8-parent pass (VBMI table decode on AVX-512) on every pair of codes,
+    /// NaN codes included, under special scales and weights: NaN × NaN pairs of opposite
+    /// signs pin the first-operand rule (the sign of a NaN shows in its FP8 code), and a
+    /// second run without NaN codes keeps every block finite so that any value differs.
+    #[test]
+    fn mix_two_fp8_parents_all_code_pairs() {
+        let (rows, cols) = (256usize, 640usize); // 2 block rows × 5 column blocks, 2 tiles
+        let n = rows * cols;
+        let nb = 2 * 5;
+        let specials = [
+            1.0f32,
+            -2.5e-3,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+            1e-42,
+            2f32.powi(121),
+            f32::MAX,
+        ];
+        let mut rng = Rng(91);
+        for nan_codes in [true, false] {
+            // Row r, column c: a = (r·cols + c) mod 256, b = its index / 256 mod 256, so
+            // every block row holds every (a, b) pair.
+            let fix = |c: u8| {
+                if nan_codes || c & 0x7f != 0x7f {
+                    c
+                } else {
+                    c ^ 1
+                }
+            };
+            let a: Vec<u8> = (0..n).map(|i| fix(i as u8)).collect();
+            let b: Vec<u8> = (0..n).map(|i| fix((i / 256) as u8)).collect();
+            for round in 0..6 {
+                let mut scales = |k: usize| -> Vec<f32> {
+                    (0..nb)
+                        .map(|i| match (i + k + round) % 4 {
+                            0 => specials[rng.below(specials.len())],
+                            _ => rng.value(1e-2).abs() + 1e-5,
+                        })
+                        .collect()
+                };
+                let (sa, sb) = (scales(0), scales(1));
+                // (Weights are never NaN: the callers' contract.)
+                let weights = [
+                    (0.4f32, 0.6f32),
+                    (-1.5, 0.0),
+                    (1.0, 1.0),
+                    (0.0, -0.0),
+                    (-0.0, 3.0),
+                ];
+                let (wa, wb) = weights[round % weights.len()];
+                let inputs = [
+                    MixInput {
+                        dtype: DType::F8E4M3,
+                        bytes: &a,
+                        scales: Some(&sa),
+                        weight: wa,
+                    },
+                    MixInput {
+                        dtype: DType::F8E4M3,
+                        bytes: &b,
+                        scales: Some(&sb),
+                        weight: wb,
+                    },
+                ];
+                let mut want = vec![0u8; n];
+                let mut want_s = vec![0f32; nb];
+                scalar::mix(&inputs, cols, DType::F8E4M3, &mut want, Some(&mut want_s));
+                for (lv, vbmi, lvs) in level_configs() {
+                    let mut got = vec![0u8; n];
+                    let mut got_s = vec![0f32; nb];
+                    with_vbmi(vbmi, || {
+                        mix_at(lv, &inputs, cols, DType::F8E4M3, &mut got, Some(&mut got_s))
+                    });
+                    let what = format!("nan codes {nan_codes} round {round} {lvs}");
+                    same(&got, &want, &what);
+                    same(&bits(&got_s), &bits(&want_s), &what);
+                }
             }
         }
     }
