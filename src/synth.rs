@@ -479,7 +479,10 @@ impl Child {
             if t.start >= end {
                 break;
             }
-            let at = next - t.start;
+            // Tensors are contiguous (checked at open); anything else is served by a copy.
+            let Some(at) = next.checked_sub(t.start) else {
+                return Ok(None);
+            };
             let hi = end.min(t.start + t.len);
             match self.stored(shard, t)? {
                 Stored::Verbatim(from, start) => match run {
@@ -496,12 +499,11 @@ impl Child {
                 } => {
                     // Computed bytes are a span only when they are the whole range, in one chunk.
                     let n = (end - offset) as usize;
+                    if run.is_some() || is_scale || hi < end || span == 0 {
+                        return Ok(None);
+                    }
                     let c = (at / span) as usize;
-                    if run.is_some()
-                        || is_scale
-                        || hi < end
-                        || (at + n as u64 - 1) / span != c as u64
-                    {
+                    if (at + n as u64 - 1) / span != c as u64 {
                         return Ok(None);
                     }
                     let from = (at - c as u64 * span) as usize;
