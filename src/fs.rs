@@ -1023,6 +1023,15 @@ mod tests {
         write_family(&spec, dir).unwrap()
     }
 
+    /// A recipe of the family's two models, without weights.
+    fn template(fam: &[PathBuf]) -> RecipeSpec {
+        RecipeSpec {
+            base: Some(fam[0].clone()),
+            parents: Some(vec![fam[1].clone()]),
+            ..Default::default()
+        }
+    }
+
     fn eng() -> EngineOptions {
         EngineOptions {
             cache_bytes: 8 << 20,
@@ -1105,11 +1114,7 @@ mod tests {
     fn replies_without_a_copy_equal_copied_reads() {
         let tmp = tempfile::tempdir().unwrap();
         let fam = tiny_family(tmp.path());
-        let template = RecipeSpec {
-            base: Some(fam[0].clone()),
-            parents: Some(vec![fam[1].clone()]),
-            ..Default::default()
-        };
+        let template = template(&fam);
         let fs = Fs::variants(template, Vec::new(), &eng(), opts()).unwrap();
         let (mut parent_spans, mut chunk_spans, mut copies) = (0, 0, 0);
         for name in [
@@ -1160,11 +1165,7 @@ mod tests {
     fn variants_layout_creates_on_lookup_and_refuses_bad_names() {
         let tmp = tempfile::tempdir().unwrap();
         let fam = tiny_family(tmp.path());
-        let template = RecipeSpec {
-            base: Some(fam[0].clone()),
-            parents: Some(vec![fam[1].clone()]),
-            ..Default::default()
-        };
+        let template = template(&fam);
         let sweep = vec![(
             "chimera".to_string(),
             RecipeSpec::from_variant_name("lambda=1,subset=experts").unwrap(),

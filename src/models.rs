@@ -96,6 +96,20 @@ pub struct TensorSource<'a> {
 }
 
 impl<'a> TensorSource<'a> {
+    /// Offset in the tensor and length of elements `[e0, e1)`, checked against its size.
+    fn byte_range(&self, e0: usize, e1: usize) -> Result<(u64, u64)> {
+        let sz = self.info.dtype.size() as u64;
+        let (start, len) = ((e0 as u64) * sz, ((e1.saturating_sub(e0)) as u64) * sz);
+        if e1 < e0 || start + len > self.info.len {
+            return Err(Error::BadTensor {
+                path: self.shard.path.clone(),
+                tensor: self.info.name.clone(),
+                reason: format!("element range {e0}..{e1} out of bounds"),
+            });
+        }
+        Ok((start, len))
+    }
+
     /// Reads the stored bytes of elements `[e0, e1)` into `buf` with pread and returns them.
     /// No mapping is touched, so reading the parents costs no RSS and no TLB shootdowns, and a
     /// file that shrank gives an error instead of SIGBUS. `buf` keeps its capacity for reuse.
@@ -106,15 +120,7 @@ impl<'a> TensorSource<'a> {
         buf: &'b mut Vec<u8>,
     ) -> Result<&'b [u8]> {
         use std::os::unix::fs::FileExt;
-        let sz = self.info.dtype.size() as u64;
-        let (start, len) = ((e0 as u64) * sz, ((e1.saturating_sub(e0)) as u64) * sz);
-        if e1 < e0 || start + len > self.info.len {
-            return Err(Error::BadTensor {
-                path: self.shard.path.clone(),
-                tensor: self.info.name.clone(),
-                reason: format!("element range {e0}..{e1} out of bounds"),
-            });
-        }
+        let (start, len) = self.byte_range(e0, e1)?;
         let n = len as usize;
         if buf.len() < n {
             buf.resize(n, 0);
@@ -137,15 +143,7 @@ impl<'a> TensorSource<'a> {
     /// the file still holds them. Read them inside [`crate::guard::guarded`] (the file may
     /// shrink meanwhile) and give them back with [`TensorSource::unmap_elements`].
     pub fn mapped_elements(&self, e0: usize, e1: usize) -> Result<&'a [u8]> {
-        let sz = self.info.dtype.size() as u64;
-        let (start, len) = ((e0 as u64) * sz, ((e1.saturating_sub(e0)) as u64) * sz);
-        if e1 < e0 || start + len > self.info.len {
-            return Err(Error::BadTensor {
-                path: self.shard.path.clone(),
-                tensor: self.info.name.clone(),
-                reason: format!("element range {e0}..{e1} out of bounds"),
-            });
-        }
+        let (start, len) = self.byte_range(e0, e1)?;
         self.shard
             .range(self.info.start + start, len, &self.info.name)
     }
