@@ -33,6 +33,27 @@ impl Models {
         &self.list[0]
     }
 
+    /// Model `k`'s copy of base tensor `t` (its shard and entry), which must have `t`'s length:
+    /// what a one-hot donor's bytes are read from.
+    pub fn donor_copy(&self, k: usize, t: &TensorInfo) -> Result<(&Shard, &TensorInfo)> {
+        let ck = self.list.get(k).ok_or_else(|| Error::BadRecipe {
+            reason: format!("no model {k}"),
+        })?;
+        let (ds, dt) = ck.get(&t.name).ok_or_else(|| Error::MissingTensor {
+            parent: ck.dir.clone(),
+            tensor: t.name.clone(),
+        })?;
+        if dt.len != t.len {
+            return Err(Error::ShapeMismatch {
+                parent: ck.dir.clone(),
+                tensor: t.name.clone(),
+                base: t.shape.clone(),
+                other: dt.shape.clone(),
+            });
+        }
+        Ok((ds, dt))
+    }
+
     /// Model `i`'s copy of weight `name`, with its scales when model `i` has them.
     /// Checks presence, shape against the base, and the scale companion's dtype and shape.
     pub fn source(&self, i: usize, name: &str) -> Result<TensorSource<'_>> {

@@ -346,21 +346,7 @@ impl Child {
         match self.plan.source(u, models, &self.engine.stats)? {
             Source::Base => Ok(Stored::Verbatim(shard, t.start)),
             Source::Donor(k) => {
-                let ck = models.list.get(k).ok_or_else(|| Error::BadRecipe {
-                    reason: format!("no model {k}"),
-                })?;
-                let (ds, dt) = ck.get(&t.name).ok_or_else(|| Error::MissingTensor {
-                    parent: ck.dir.clone(),
-                    tensor: t.name.clone(),
-                })?;
-                if dt.len != t.len {
-                    return Err(Error::ShapeMismatch {
-                        parent: ck.dir.clone(),
-                        tensor: t.name.clone(),
-                        base: t.shape.clone(),
-                        other: dt.shape.clone(),
-                    });
-                }
+                let (ds, dt) = models.donor_copy(k, t)?;
                 Ok(Stored::Verbatim(ds, dt.start))
             }
             // A companion that is not the base's FP8 block scales is not computed: it stays the base's.

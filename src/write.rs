@@ -371,20 +371,8 @@ impl Ctx<'_> {
                 }
             }
             Source::Donor(k) => {
-                let ck = &models.list[k];
                 for (sh, t) in tensors {
-                    let (ds, dt) = ck.get(&t.name).ok_or_else(|| Error::MissingTensor {
-                        parent: ck.dir.clone(),
-                        tensor: t.name.clone(),
-                    })?;
-                    if dt.len != t.len {
-                        return Err(Error::ShapeMismatch {
-                            parent: ck.dir.clone(),
-                            tensor: t.name.clone(),
-                            base: t.shape.clone(),
-                            other: dt.shape.clone(),
-                        });
-                    }
+                    let (ds, dt) = models.donor_copy(k, t)?;
                     self.copy_tensor(ds, dt, dst(sh)?, t.start)?;
                 }
             }
