@@ -104,9 +104,7 @@ impl Shard {
             .get(start as usize..end as usize)
             .ok_or_else(changed)
     }
-}
 
-impl Shard {
     /// Whether address `addr` lies in this shard's mapping.
     pub fn maps(&self, addr: usize) -> bool {
         let p = self.map.as_ptr() as usize;
@@ -329,7 +327,8 @@ fn open_shard(dir: &Path, name: &str) -> Result<Shard> {
     let size = meta.len();
     let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
     // SAFETY: the map is read-only; a parent truncated under us is caught by `Shard::range`
-    // checking the file size before each access.
+    // checking the file size before each access, and reads racing a truncation run inside
+    // `guard::guarded` (computation) or in the kernel (replies, which then fail with EFAULT).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
     let (header_len, tensors) = parse_header(&path, &map)?;
     let header = map.get(..header_len as usize).unwrap_or(&[]).to_vec();

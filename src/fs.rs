@@ -720,19 +720,11 @@ impl Fs {
         offset: u64,
         buf: &mut [u8],
     ) -> std::result::Result<usize, FsError> {
-        let (v, i) = match self.node(ino)? {
-            Node::File(v, i) => (v, i),
-            _ => return Err(FsError::IsDir),
-        };
-        let var = self.variant(v).ok_or(FsError::NotFound)?;
+        let (var, v, i) = self.file(ino)?;
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         match var.child.read(i, offset, buf) {
             Ok(n) => {
-                self.counters
-                    .bytes_served
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                var.served.fetch_add(n as u64, Ordering::Relaxed);
-                self.after_read(&var, v, i, fh, offset, n as u64);
+                self.served(&var, v, i, fh, offset, n);
                 Ok(n)
             }
             Err(e) => Err(self.read_error(&var, i, offset, buf.len(), &e)),
@@ -751,45 +743,59 @@ impl Fs {
         buf: &mut Vec<u8>,
         send: impl FnOnce(std::result::Result<&[u8], FsError>),
     ) {
-        let (v, i) = match self.node(ino) {
-            Ok(Node::File(v, i)) => (v, i),
-            Ok(_) => return send(Err(FsError::IsDir)),
+        let (var, v, i) = match self.file(ino) {
+            Ok(x) => x,
             Err(e) => return send(Err(e)),
         };
-        let Some(var) = self.variant(v) else {
-            return send(Err(FsError::NotFound));
-        };
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
         let span = match var.child.span(i, offset, size) {
-            Ok(s) => s,
+            Ok(Some(span)) => span,
+            Ok(None) => {
+                if buf.len() < size {
+                    buf.resize(size, 0);
+                }
+                return match var.child.read(i, offset, &mut buf[..size]) {
+                    Ok(n) => {
+                        send(Ok(&buf[..n]));
+                        self.served(&var, v, i, fh, offset, n);
+                    }
+                    Err(e) => send(Err(self.read_error(&var, i, offset, size, &e))),
+                };
+            }
             Err(e) => return send(Err(self.read_error(&var, i, offset, size, &e))),
         };
-        let Some(span) = span else {
-            if buf.len() < size {
-                buf.resize(size, 0);
-            }
-            return match self.read(ino, fh, offset, &mut buf[..size]) {
-                Ok(n) => send(Ok(&buf[..n])),
-                Err(e) => send(Err(e)),
-            };
-        };
-        self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        let n = match var.child.span_bytes(&span) {
+        let sent = match var.child.span_bytes(&span) {
             Ok(bytes) => {
                 send(Ok(bytes));
-                bytes.len()
+                Some(bytes.len())
             }
             Err(e) => {
                 send(Err(self.read_error(&var, i, offset, size, &e)));
-                var.child.span_done(span);
-                return;
+                None
             }
         };
         var.child.span_done(span);
+        if let Some(n) = sent {
+            self.served(&var, v, i, fh, offset, n);
+        }
+    }
+
+    /// Variant, variant index and file index of file inode `ino`.
+    fn file(&self, ino: u64) -> std::result::Result<(Arc<Variant>, usize, usize), FsError> {
+        let (v, i) = match self.node(ino)? {
+            Node::File(v, i) => (v, i),
+            _ => return Err(FsError::IsDir),
+        };
+        Ok((self.variant(v).ok_or(FsError::NotFound)?, v, i))
+    }
+
+    /// Counts `n` bytes served and lets the prefetcher see the read.
+    fn served(&self, var: &Arc<Variant>, v: usize, i: usize, fh: u64, offset: u64, n: usize) {
         self.counters
             .bytes_served
             .fetch_add(n as u64, Ordering::Relaxed);
         var.served.fetch_add(n as u64, Ordering::Relaxed);
-        self.after_read(&var, v, i, fh, offset, n as u64);
+        self.after_read(var, v, i, fh, offset, n as u64);
     }
 
     /// Counts and logs a failed read; the error the reader gets.
