@@ -129,12 +129,12 @@ impl Layout {
 enum Stored<'a> {
     /// The bytes of a parent's shard from the given offset, as they are.
     Verbatim(&'a Shard, u64),
-    /// Computed chunks of `unit` (`span` bytes of this tensor per chunk).
+    /// Computed chunks of `unit` (`bytes_per_chunk` of this tensor in each).
     Mixed {
         unit: usize,
         is_scale: bool,
         w: Arc<[f32]>,
-        span: u64,
+        bytes_per_chunk: u64,
     },
 }
 
@@ -362,7 +362,7 @@ impl Child {
             Source::Mix(w) => {
                 let lay = self.layout(u)?;
                 // Bytes per chunk in this tensor.
-                let span = if is_scale {
+                let bytes_per_chunk = if is_scale {
                     (lay.block_rows * lay.cols.div_ceil(FP8_BLOCK) * 4) as u64
                 } else {
                     (lay.per_chunk * t.dtype.size()) as u64
@@ -371,7 +371,7 @@ impl Child {
                     unit: u,
                     is_scale,
                     w,
-                    span,
+                    bytes_per_chunk,
                 })
             }
         }
@@ -398,26 +398,26 @@ impl Child {
 
     /// Fills `out` with the child's bytes of base tensor `t` from byte `at` of the tensor.
     fn fill_tensor(&self, shard: &Shard, t: &TensorInfo, at: u64, out: &mut [u8]) -> Result<()> {
-        let (u, is_scale, w, span) = match self.stored(shard, t)? {
+        let (u, is_scale, w, bytes_per_chunk) = match self.stored(shard, t)? {
             Stored::Verbatim(from, start) => return pread(from, start + at, out, &t.name),
             Stored::Mixed {
                 unit,
                 is_scale,
                 w,
-                span,
-            } => (unit, is_scale, w, span),
+                bytes_per_chunk,
+            } => (unit, is_scale, w, bytes_per_chunk),
         };
         let mut pos = at;
         let end = at + out.len() as u64;
         while pos < end {
-            let c = (pos / span) as usize;
+            let c = (pos / bytes_per_chunk) as usize;
             let chunk = if is_scale {
                 self.chunk(u, c, &w)?
             } else {
                 self.data_chunk(u, c, &w)?
             };
             let part = if is_scale { &chunk.scales } else { &chunk.data };
-            let from = (pos - c as u64 * span) as usize;
+            let from = (pos - c as u64 * bytes_per_chunk) as usize;
             let take = ((end - pos) as usize).min(part.len().saturating_sub(from));
             if take == 0 {
                 return Err(Error::BadTensor {
@@ -481,18 +481,18 @@ impl Child {
                     unit,
                     is_scale,
                     w,
-                    span,
+                    bytes_per_chunk,
                 } => {
                     // Computed bytes are a span only when they are the whole range, in one chunk.
                     let n = (end - offset) as usize;
-                    if run.is_some() || is_scale || hi < end || span == 0 {
+                    if run.is_some() || is_scale || hi < end || bytes_per_chunk == 0 {
                         return Ok(None);
                     }
-                    let c = (at / span) as usize;
-                    if (at + n as u64 - 1) / span != c as u64 {
+                    let c = (at / bytes_per_chunk) as usize;
+                    if (at + n as u64 - 1) / bytes_per_chunk != c as u64 {
                         return Ok(None);
                     }
-                    let from = (at - c as u64 * span) as usize;
+                    let from = (at - c as u64 * bytes_per_chunk) as usize;
                     let chunk = self.data_chunk(unit, c, &w)?;
                     if from + n > chunk.data.len() {
                         return Err(Error::BadTensor {
