@@ -588,23 +588,14 @@ impl Child {
 
     /// Chunk `c` of unit `u`, from the cache or computed.
     pub fn chunk(&self, u: usize, c: usize, w: &[f32]) -> Result<Arc<Chunk>> {
-        let key = ChunkKey {
-            variant: self.variant,
-            unit: u as u32,
-            chunk: c as u32,
-        };
         self.engine
             .cache
-            .get_or_compute(key, || self.compute_chunk(u, c, w))
+            .get_or_compute(self.chunk_key(u, c), || self.compute_chunk(u, c, w))
     }
 
     /// Whether chunk `c` of unit `u` is cached or being computed.
     pub fn chunk_cached(&self, u: usize, c: usize) -> bool {
-        self.engine.cache.contains(&ChunkKey {
-            variant: self.variant,
-            unit: u as u32,
-            chunk: c as u32,
-        })
+        self.engine.cache.contains(&self.chunk_key(u, c))
     }
 
     /// Computes chunk `c` of unit `u` with weights `w` (DESIGN §4).
