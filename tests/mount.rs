@@ -160,16 +160,10 @@ fn python_safe_open_reads_the_same_arrays() {
     let tmp = tempdir();
     for (dt, label) in [(FixtureDType::Fp8, "fp8"), (FixtureDType::Bf16, "bf16")] {
         let fam = family(&tmp.path().join(label), dt, 3, 21);
-        let args = [
-            "--base",
-            s(&fam[0]),
-            "--parent",
-            s(&fam[1]),
-            "--parent",
-            s(&fam[2]),
-            "--weights",
-            "0.25,0.25,0.5",
-        ];
+        let args = recipe(
+            &fam,
+            &["--parent", s(&fam[2]), "--weights", "0.25,0.25,0.5"],
+        );
         let w = written(tmp.path(), label, &args);
         let g = mounted(tmp.path(), label, &args);
         let (dm, dw) = (
@@ -361,14 +355,7 @@ fn threads_cache_size_chunking_and_read_order_do_not_change_bytes() {
     let mut spec = FamilySpec::with_target_bytes(FixtureDType::Fp8, 32 << 20);
     spec.seed = 41;
     let fam = write_family(&spec, &tmp.path().join("fam")).unwrap();
-    let args = [
-        "--base",
-        s(&fam[0]),
-        "--parent",
-        s(&fam[1]),
-        "--lambda",
-        "0.45",
-    ];
+    let args = recipe(&fam, &["--lambda", "0.45"]);
     let w = written(tmp.path(), "ref", &args);
     let configs: [(&str, &[&str]); 4] = [
         (
@@ -437,14 +424,7 @@ fn threads_cache_size_chunking_and_read_order_do_not_change_bytes() {
 fn attributes_are_stable_and_everything_that_writes_gets_erofs() {
     let tmp = tempdir();
     let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 2, 51);
-    let args = [
-        "--base",
-        s(&fam[0]),
-        "--parent",
-        s(&fam[1]),
-        "--lambda",
-        "0.5",
-    ];
+    let args = recipe(&fam, &["--lambda", "0.5"]);
     let w = written(tmp.path(), "attr", &args);
     let stat_all = |dir: &Path| -> Vec<(String, u64, u32, i64, i64)> {
         files(dir)
@@ -563,14 +543,7 @@ fn page_cache_is_kept_o_direct_is_served_and_read_ahead_is_raised() {
     let mut spec = FamilySpec::with_target_bytes(FixtureDType::Fp8, 24 << 20);
     spec.seed = 61;
     let fam = write_family(&spec, &tmp.path().join("fam")).unwrap();
-    let args = [
-        "--base",
-        s(&fam[0]),
-        "--parent",
-        s(&fam[1]),
-        "--lambda",
-        "0.5",
-    ];
+    let args = recipe(&fam, &["--lambda", "0.5"]);
     let w = written(tmp.path(), "pc", &args);
     let g = mounted(tmp.path(), "pc", &args);
     let shards: Vec<String> = files(&w)
@@ -643,14 +616,7 @@ fn only_the_mounting_user_reads_unless_allow_other() {
     for p in [&fam[0], &fam[1], &tmp.path().join("fam")] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let args = [
-        "--base",
-        s(&fam[0]),
-        "--parent",
-        s(&fam[1]),
-        "--lambda",
-        "0.5",
-    ];
+    let args = recipe(&fam, &["--lambda", "0.5"]);
     let nobody_reads = |p: &Path| {
         std::process::Command::new("cat")
             .arg(p)
@@ -683,16 +649,7 @@ fn only_the_mounting_user_reads_unless_allow_other() {
 fn status_reports_without_adding_files() {
     let tmp = tempdir();
     let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 2, 81);
-    let args = [
-        "--base",
-        s(&fam[0]),
-        "--parent",
-        s(&fam[1]),
-        "--lambda",
-        "0.6",
-        "--subset",
-        "experts",
-    ];
+    let args = recipe(&fam, &["--lambda", "0.6", "--subset", "experts"]);
     let w = written(tmp.path(), "st", &args);
     let g = mounted(tmp.path(), "st", &args);
     assert_same_dirs(&g.mnt, &w, &[]);

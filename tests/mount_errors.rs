@@ -162,14 +162,7 @@ fn bad_inputs_give_a_clear_error_and_leave_no_mount() {
 fn sigterm_and_sigint_unmount_and_exit_zero() {
     let tmp = tempdir();
     let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 2, 202);
-    let args = [
-        "--base",
-        s(&fam[0]),
-        "--parent",
-        s(&fam[1]),
-        "--lambda",
-        "0.5",
-    ];
+    let args = recipe(&fam, &["--lambda", "0.5"]);
 
     // Foreground: SIGTERM, exit status 0, mount gone.
     let mut g = MountGuard::foreground(&tmp.path().join("fg"), &args);
@@ -234,14 +227,7 @@ fn sigterm_and_sigint_unmount_and_exit_zero() {
 fn unmount_clears_a_mount_whose_daemon_was_killed() {
     let tmp = tempdir();
     let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 2, 203);
-    let args = [
-        "--base",
-        s(&fam[0]),
-        "--parent",
-        s(&fam[1]),
-        "--lambda",
-        "0.5",
-    ];
+    let args = recipe(&fam, &["--lambda", "0.5"]);
     let mnt = tmp.path().join("mnt");
     let mut g = MountGuard::foreground(&mnt, &args);
     let mut child = g.child.take().unwrap();
@@ -286,15 +272,7 @@ fn unmount_clears_a_mount_whose_daemon_was_killed() {
 fn a_parent_that_shrinks_or_vanishes_gives_eio_not_a_crash() {
     let tmp = tempdir();
     let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 2, 204);
-    let args = [
-        "--base",
-        s(&fam[0]),
-        "--parent",
-        s(&fam[1]),
-        "--lambda",
-        "0.5",
-        "--no-prefetch",
-    ];
+    let args = recipe(&fam, &["--lambda", "0.5", "--no-prefetch"]);
     let w = written(tmp.path(), "ref", &args[..6]);
     let g = MountGuard::mount(&tmp.path().join("mnt"), &args);
     let shards: Vec<String> = files(&w)

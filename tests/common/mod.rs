@@ -14,6 +14,13 @@ pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
+/// Recipe flags with `fam[0]` as the base and `fam[1]` as the parent, then `rest`.
+pub fn recipe<'a>(fam: &'a [PathBuf], rest: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--base", s(&fam[0]), "--parent", s(&fam[1])];
+    v.extend_from_slice(rest);
+    v
+}
+
 /// Writes the child of `args` with `aoe write` to `tmp/LABEL-written`.
 pub fn written(tmp: &Path, label: &str, args: &[&str]) -> PathBuf {
     let out = tmp.join(format!("{label}-written"));
