@@ -11,8 +11,8 @@
 //! GB/s, of the paired memcpy GB/s and of the per-round ratio. Buffers are touched and every
 //! kernel run twice before timing (fresh memory is slow on this VM).
 
-use aoe::dtype::DType;
 use aoe::kernels::{self, MixInput, SimdLevel};
+use aoe::model::dtype::DType;
 use std::hint::black_box;
 use std::time::Instant;
 

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use crate::checkpoint::{Shard, TensorInfo};
 use crate::error::{Error, Result};
 use crate::kernels::FP8_BLOCK;
-use crate::plan::Source;
+use crate::model::checkpoint::{Shard, TensorInfo};
+use crate::recipe::plan::Source;
 use crate::synth::{Child, FileKind};
 
 /// Options of a write.
@@ -411,7 +411,7 @@ impl Ctx<'_> {
                     }
                     self.computed.fetch_add(n, Ordering::Relaxed);
                     self.advance(n);
-                    let crate::cache::Chunk { data, scales } = chunk;
+                    let crate::synth::cache::Chunk { data, scales } = chunk;
                     child.engine.cache.give_buffer(data);
                     child.engine.cache.give_buffer(scales);
                 }

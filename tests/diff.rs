@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use aoe::diff::{compute, write_csv};
-use aoe::fixture::{write_family, FamilySpec, FixtureDType};
-use aoe::models::Models;
+use aoe::commands::diff::{compute, write_csv};
+use aoe::model::models::Models;
+use aoe::recipe::stats::StatsStore;
 use aoe::recipe::Metric;
-use aoe::stats::StatsStore;
+use aoe::testkit::{write_family, FamilySpec, FixtureDType};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use aoe::fixture::FixtureDType;
+use aoe::testkit::FixtureDType;
 use common::*;
 
 /// Runs `aoe write` (or the given command) and asserts a clean failure whose message holds
@@ -421,9 +421,9 @@ fn output_that_is_a_parent_or_not_empty() {
 #[test]
 fn interrupted_write_leaves_no_file_behind() {
     let tmp = tempdir();
-    let mut spec = aoe::fixture::FamilySpec::demo();
+    let mut spec = aoe::testkit::FamilySpec::demo();
     spec.siblings = 2;
-    let m = aoe::fixture::write_family(&spec, tmp.path()).unwrap();
+    let m = aoe::testkit::write_family(&spec, tmp.path()).unwrap();
     let out = tmp.path().join("out");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_aoe"))
         .args([

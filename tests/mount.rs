@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aoe::fixture::{write_family, FamilySpec, FixtureDType};
+use aoe::testkit::{write_family, FamilySpec, FixtureDType};
 use common::mount::*;
 use common::*;
 
@@ -593,7 +593,7 @@ fn page_cache_is_kept_o_direct_is_served_and_read_ahead_is_raised() {
     );
 
     // read_ahead_kb of the mount's bdi was raised.
-    let m = aoe::fuse::mount_at(&g.mnt).unwrap();
+    let m = aoe::mount::table::mount_at(&g.mnt).unwrap();
     let ra = std::fs::read_to_string(format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",
         m.major, m.minor

@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use aoe::fixture::FixtureDType;
+use aoe::testkit::FixtureDType;
 use common::mount::*;
 use common::*;
 
@@ -19,8 +19,8 @@ fn stderr(o: &std::process::Output) -> String {
 
 /// How many mounts are stacked at `p`.
 fn mounts_at(p: &Path) -> usize {
-    let want = aoe::fuse::mount_path(p);
-    aoe::fuse::mounts()
+    let want = aoe::mount::table::mount_path(p);
+    aoe::mount::table::mounts()
         .iter()
         .filter(|m| m.mountpoint == want)
         .count()

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aoe::fixture::FixtureDType;
+use aoe::testkit::FixtureDType;
 use common::mount::*;
 use common::*;
 

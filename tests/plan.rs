@@ -2,9 +2,9 @@
 
 mod common;
 
-use aoe::checkpoint::Checkpoint;
-use aoe::fixture::FixtureDType;
+use aoe::model::checkpoint::Checkpoint;
 use aoe::recipe::Group;
+use aoe::testkit::FixtureDType;
 use common::*;
 
 fn plan_json(args: &[&str]) -> serde_json::Value {

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use aoe::fixture::FixtureDType;
+use aoe::testkit::FixtureDType;
 use common::*;
 
 /// Writes the child with `aoe write`, then with the reference from the child's own
@@ -47,7 +47,7 @@ fn check_read_back(base: &Path, child: &Path, tmp: &Path) {
     ));
     reference(&["dump", s(child), s(&dump)]);
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&dump).unwrap()).unwrap();
-    let ck = aoe::checkpoint::Checkpoint::open(child).unwrap();
+    let ck = aoe::model::checkpoint::Checkpoint::open(child).unwrap();
     let obj = v.as_object().unwrap();
     assert_eq!(
         obj.len(),
@@ -97,10 +97,10 @@ fn fp8_full_mix_and_chimera_match_the_reference() {
         ],
     );
     let (base, donor) = (
-        aoe::checkpoint::Checkpoint::open(&m[0]).unwrap(),
-        aoe::checkpoint::Checkpoint::open(&m[1]).unwrap(),
+        aoe::model::checkpoint::Checkpoint::open(&m[0]).unwrap(),
+        aoe::model::checkpoint::Checkpoint::open(&m[1]).unwrap(),
     );
-    let child = aoe::checkpoint::Checkpoint::open(&chimera).unwrap();
+    let child = aoe::model::checkpoint::Checkpoint::open(&chimera).unwrap();
     let (mut experts, mut others) = (0, 0);
     for sh in &base.shards {
         for t in &sh.tensors {
@@ -164,8 +164,8 @@ fn delta_includes_and_excludes_with_both_metrics() {
         );
         // Some tensors mixed, some kept: the child differs from the base, yet shares tensors with it.
         let (cb, cc) = (
-            aoe::checkpoint::Checkpoint::open(&m[0]).unwrap(),
-            aoe::checkpoint::Checkpoint::open(&child).unwrap(),
+            aoe::model::checkpoint::Checkpoint::open(&m[0]).unwrap(),
+            aoe::model::checkpoint::Checkpoint::open(&child).unwrap(),
         );
         let same = cb
             .shards
@@ -341,12 +341,12 @@ fn recipe_file_reproduces_the_child_and_holds_no_output_path() {
 fn unaligned_data_matches_the_reference() {
     // Headers not padded to 8 bytes: every tensor's data starts at an odd offset.
     let tmp = tempdir();
-    let mut spec = aoe::fixture::FamilySpec::tiny(FixtureDType::Fp8);
+    let mut spec = aoe::testkit::FamilySpec::tiny(FixtureDType::Fp8);
     spec.siblings = 2;
     spec.seed = 18;
     spec.align_header = false;
-    let m = aoe::fixture::write_family(&spec, tmp.path()).unwrap();
-    let first = aoe::checkpoint::Checkpoint::open(&m[0]).unwrap();
+    let m = aoe::testkit::write_family(&spec, tmp.path()).unwrap();
+    let first = aoe::model::checkpoint::Checkpoint::open(&m[0]).unwrap();
     assert!(
         first.shards.iter().all(|s| s.header_len % 8 != 0),
         "fixture should be unaligned"

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use aoe::cli::{parse_size, RecipeArgs};
-use aoe::fs::{read_sweep, EngineOptions, Fs, FsOptions};
-use aoe::fuse::{self, MountConfig, Ready};
-use aoe::prefetch::PrefetchConfig;
+use aoe::mount::daemon::{self, MountConfig, Ready};
+use aoe::mount::fs::{read_sweep, EngineOptions, Fs, FsOptions};
+use aoe::mount::table;
+use aoe::synth::prefetch::PrefetchConfig;
 use aoe::Result;
 
 /// Mount a child model read-only: a directory that looks exactly like a checkpoint (config,
@@ -113,23 +114,23 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     if args.unmount {
-        let msg = fuse::unmount(&args.mountpoint)?;
+        let msg = table::unmount(&args.mountpoint)?;
         eprintln!("aoe-mount: {msg}");
         return Ok(());
     }
-    let mnt = fuse::check_mountpoint(&args.mountpoint)?;
+    let mnt = table::check_mountpoint(&args.mountpoint)?;
     let eng = EngineOptions {
         cache_bytes: args.cache_size,
         chunk_bytes: args.chunk_size,
         stats_dir: args
             .cache_dir
             .clone()
-            .or_else(aoe::stats::default_cache_dir),
+            .or_else(aoe::recipe::stats::default_cache_dir),
     };
     let log_file = args
         .log
         .clone()
-        .or_else(|| aoe::stats::default_cache_dir().map(|d| d.join("aoe-mount.log")))
+        .or_else(|| aoe::recipe::stats::default_cache_dir().map(|d| d.join("aoe-mount.log")))
         .unwrap_or_else(|| PathBuf::from("/tmp/aoe-mount.log"));
     let mut opts = FsOptions::for_current_user(&mnt, args.cache_size);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -152,7 +153,7 @@ fn run(args: Args) -> Result<()> {
     let threads = args
         .threads
         .filter(|&t| t > 0)
-        .unwrap_or_else(fuse::default_threads);
+        .unwrap_or_else(daemon::default_threads);
     let cfg = MountConfig {
         mountpoint: mnt.clone(),
         threads,
@@ -161,9 +162,9 @@ fn run(args: Args) -> Result<()> {
         read_ahead_kb: args.read_ahead_kb,
     };
     if args.foreground {
-        return fuse::serve(fs, &cfg, &mut Ready::foreground());
+        return daemon::serve(fs, &cfg, &mut Ready::foreground());
     }
-    let pid = fuse::spawn_daemon(fs, &cfg, &log_file)?;
+    let pid = daemon::spawn_daemon(fs, &cfg, &log_file)?;
     eprintln!(
         "aoe-mount: mounted at {} (daemon pid {pid}, log {})",
         mnt.display(),

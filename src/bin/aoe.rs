@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use aoe::cli::{byte_progress, parse_size, RecipeArgs};
-use aoe::models::Models;
+use aoe::model::models::Models;
 use aoe::synth::{Child, Engine};
 use aoe::write::{check_output, write_child, WriteOptions};
 use aoe::Result;
@@ -163,7 +163,7 @@ fn threads_or_cores(t: Option<usize>) -> usize {
 }
 
 fn stats_dir(d: Option<PathBuf>) -> Option<PathBuf> {
-    d.or_else(aoe::stats::default_cache_dir)
+    d.or_else(aoe::recipe::stats::default_cache_dir)
 }
 
 fn run(cmd: Cmd) -> Result<()> {
@@ -222,7 +222,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let models = Models::open(&recipe.base, &recipe.parents)?;
             let engine = Engine::new(models, stats_dir(cache_dir).as_deref(), 0, 1 << 20);
             let child = Child::new(Arc::new(engine), recipe)?;
-            let report = aoe::report::plan_report(&child, threads_or_cores(threads))?;
+            let report = aoe::commands::plan::plan_report(&child, threads_or_cores(threads))?;
             if let Err(e) = child.engine.stats.flush() {
                 eprintln!("aoe: warning: cannot save δ statistics: {e}");
             }
@@ -236,14 +236,14 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Status { mountpoint, json } => {
             if json {
-                println!("{}", aoe::fuse::status_json(&mountpoint)?);
+                println!("{}", aoe::mount::status::status_json(&mountpoint)?);
             } else {
-                print!("{}", aoe::fuse::status_text(&mountpoint)?);
+                print!("{}", aoe::mount::status::status_text(&mountpoint)?);
             }
             Ok(())
         }
         Cmd::Demo { dir } => {
-            print!("{}", aoe::fuse::demo(dir)?);
+            print!("{}", aoe::commands::demo::demo(dir)?);
             Ok(())
         }
         Cmd::Diff {
@@ -258,29 +258,35 @@ fn run(cmd: Cmd) -> Result<()> {
         } => {
             let metric = aoe::recipe::Metric::parse(&plot_metric)?;
             let models = Models::open(&base, &parents)?;
-            let stats = aoe::stats::StatsStore::new(&models, stats_dir(cache_dir).as_deref());
+            let stats =
+                aoe::recipe::stats::StatsStore::new(&models, stats_dir(cache_dir).as_deref());
             let total: u64 = models.base().shards.iter().map(|s| s.size).sum();
             let pb = byte_progress(total, "measuring");
-            let rows = aoe::diff::compute(&models, &stats, threads_or_cores(threads), &|d, t| {
-                pb.set_length(t);
-                pb.set_position(d);
-            })?;
+            let rows = aoe::commands::diff::compute(
+                &models,
+                &stats,
+                threads_or_cores(threads),
+                &|d, t| {
+                    pb.set_length(t);
+                    pb.set_position(d);
+                },
+            )?;
             pb.finish_and_clear();
             if let Err(e) = stats.flush() {
                 eprintln!("aoe: warning: cannot save δ statistics: {e}");
             }
-            let summary = aoe::diff::summarize(&rows);
+            let summary = aoe::commands::diff::summarize(&rows);
             let mut out = std::io::stdout().lock();
             let res = if csv {
-                aoe::diff::write_csv(&rows, &mut out)
+                aoe::commands::diff::write_csv(&rows, &mut out)
             } else if json {
-                aoe::diff::write_json(&rows, &summary, &mut out)
+                aoe::commands::diff::write_json(&rows, &summary, &mut out)
             } else {
-                aoe::diff::write_table(&rows, &summary, &mut out)
+                aoe::commands::diff::write_table(&rows, &summary, &mut out)
             };
             res.map_err(|e| aoe::Error::io("stdout", e))?;
             if let Some(p) = plot {
-                let svg = aoe::diff::plot_svg(&rows, metric);
+                let svg = aoe::commands::diff::plot_svg(&rows, metric);
                 let tmp = p.with_extension("svg.tmp");
                 std::fs::write(&tmp, svg).map_err(|e| aoe::Error::io(&tmp, e))?;
                 std::fs::rename(&tmp, &p).map_err(|e| aoe::Error::io(&p, e))?;
@@ -316,10 +322,10 @@ fn fixture(
     bf16_copy: bool,
     skeleton: bool,
 ) -> Result<()> {
-    use aoe::fixture::{FamilySpec, FixtureDType};
+    use aoe::testkit::{FamilySpec, FixtureDType};
     let io = |e| aoe::Error::io(out, e);
     if skeleton {
-        return aoe::fixture::write_deepseek_v3_skeleton(out).map_err(io);
+        return aoe::testkit::write_deepseek_v3_skeleton(out).map_err(io);
     }
     let dt = match dtype {
         "fp8" => FixtureDType::Fp8,
@@ -340,9 +346,9 @@ fn fixture(
     };
     spec.siblings = siblings;
     spec.seed = seed;
-    let dirs = aoe::fixture::write_family(&spec, out).map_err(io)?;
+    let dirs = aoe::testkit::write_family(&spec, out).map_err(io)?;
     if bf16_copy {
-        aoe::fixture::write_bf16_copy(&dirs[0], &out.join("m1-bf16")).map_err(io)?;
+        aoe::testkit::write_bf16_copy(&dirs[0], &out.join("m1-bf16")).map_err(io)?;
     }
     for d in dirs {
         println!("{}", d.display());

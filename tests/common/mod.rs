@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use aoe::fixture::{write_bf16_copy, write_family, FamilySpec, FixtureDType};
+use aoe::testkit::{write_bf16_copy, write_family, FamilySpec, FixtureDType};
 
 pub mod mount;
 

@@ -37,7 +37,7 @@ pub fn aoe_mount(args: &[&str]) -> Output {
 
 /// Whether `p` is a mount point (from /proc/self/mountinfo, without touching `p`).
 pub fn is_mounted(p: &Path) -> bool {
-    aoe::fuse::mount_at(p).is_some()
+    aoe::mount::table::mount_at(p).is_some()
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
@@ -178,7 +178,7 @@ impl MountGuard {
                     panic!("aoe-mount --foreground exited with {st}:\n{}", g.log_text());
                 }
             }
-            is_mounted(&g.mnt) && aoe::fuse::status_json(&g.mnt).is_ok()
+            is_mounted(&g.mnt) && aoe::mount::status::status_json(&g.mnt).is_ok()
         });
         assert!(ok, "foreground mount did not come up:\n{}", g.log_text());
         g
@@ -191,7 +191,7 @@ impl MountGuard {
 
     /// The status report.
     pub fn status(&self) -> serde_json::Value {
-        aoe::fuse::status_json(&self.mnt).expect("status report")
+        aoe::mount::status::status_json(&self.mnt).expect("status report")
     }
 
     /// The daemon's pid (from its status report).
@@ -211,7 +211,7 @@ impl MountGuard {
 impl Drop for MountGuard {
     fn drop(&mut self) {
         let pid = if self.child.is_none() && is_mounted(&self.mnt) {
-            aoe::fuse::status_json(&self.mnt)
+            aoe::mount::status::status_json(&self.mnt)
                 .ok()
                 .and_then(|v| v["pid"].as_u64())
                 .map(|p| p as u32)

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::models::{Models, SCALE_SUFFIX};
+use crate::model::dtype::DType;
+use crate::model::models::{Models, SCALE_SUFFIX};
+use crate::recipe::stats::StatsStore;
 use crate::recipe::{layer_of, Group, Recipe};
-use crate::stats::StatsStore;
 
 /// A weight and its companion, as the base names them.
 #[derive(Clone, Debug)]

@@ -12,8 +12,8 @@ use std::time::SystemTime;
 use memmap2::Mmap;
 use serde_json::Value;
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::dtype::DType;
 
 /// Name of the sharded checkpoint index.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
@@ -73,7 +73,7 @@ pub struct Shard {
     pub mtime: SystemTime,
     /// Tensors in data order.
     pub tensors: Vec<TensorInfo>,
-    /// Set when a read of the mapping fell past the file's end (see [`crate::guard`]): the
+    /// Set when a read of the mapping fell past the file's end (see [`crate::model::guard`]): the
     /// mapping then holds zeros there, so it is never read again.
     retired: AtomicBool,
 }

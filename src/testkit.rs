@@ -70,7 +70,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
-use crate::dtype::DType;
+use crate::model::dtype::DType;
 
 /// FP8 block edge (DeepSeek-V3 `weight_block_size`).
 const BLOCK: usize = 128;

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::checkpoint::{Checkpoint, Shard, TensorInfo};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::FP8_BLOCK;
+use crate::model::checkpoint::{Checkpoint, Shard, TensorInfo};
+use crate::model::dtype::DType;
 
 /// Suffix of an FP8 weight's block-scale companion.
 pub const SCALE_SUFFIX: &str = "_scale_inv";
@@ -161,7 +161,7 @@ impl<'a> TensorSource<'a> {
     }
 
     /// The stored bytes of elements `[e0, e1)` in the shard's mapping, after checking that
-    /// the file still holds them. Read them inside [`crate::guard::guarded`] (the file may
+    /// the file still holds them. Read them inside [`crate::model::guard::guarded`] (the file may
     /// shrink meanwhile) and give them back with [`TensorSource::unmap_elements`].
     pub fn mapped_elements(&self, e0: usize, e1: usize) -> Result<&'a [u8]> {
         let (start, len) = self.byte_range(e0, e1)?;

@@ -1,6 +1,6 @@
 //! The mounted filesystem's logic, without FUSE types: inodes, attributes, directory listings,
 //! lookups (variant names included), open and read, returning plain results. The FUSE adapter
-//! ([`crate::fuse`]) only translates; everything here is testable without a mount.
+//! ([`crate::mount::fuse`]) only translates; everything here is testable without a mount.
 //!
 //! Two layouts:
 //! - **single**: the root is one child's directory (the base's files, synthesized shards,
@@ -27,11 +27,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::models::Models;
-use crate::prefetch::{PrefetchConfig, Prefetcher, SeqState};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::models::Models;
 use crate::recipe::{Recipe, RecipeSpec};
+use crate::synth::prefetch::{PrefetchConfig, Prefetcher, SeqState};
 use crate::synth::{Child, Engine, FileKind};
 
 /// Inode of the root directory.
@@ -1020,8 +1020,8 @@ pub fn timestamp(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixture::{write_family, FamilySpec, FixtureDType};
     use crate::synth::Span;
+    use crate::testkit::{write_family, FamilySpec, FixtureDType};
 
     fn tiny_family(dir: &Path) -> Vec<PathBuf> {
         let mut spec = FamilySpec::tiny(FixtureDType::Fp8);

@@ -3,6 +3,9 @@
 //! A [`RecipeSpec`] is what a user wrote (flags, a JSON file, a variant name), every field
 //! optional so that flags can override a file. [`Recipe`] is the validated, resolved form.
 
+pub mod plan;
+pub mod stats;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 

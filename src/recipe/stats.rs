@@ -7,10 +7,10 @@ use std::sync::Mutex;
 
 use serde_json::{json, Map, Value};
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::models::{Models, TensorSource};
+use crate::model::dtype::DType;
+use crate::model::models::{Models, TensorSource};
 use crate::recipe::Metric;
 
 /// Rows per block of the statistic's fixed summation order (block sums are added in order).

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::models::Models;
-use crate::plan::units_of;
+use crate::model::models::Models;
+use crate::recipe::plan::units_of;
+use crate::recipe::stats::StatsStore;
 use crate::recipe::{Group, Metric};
-use crate::stats::StatsStore;
 
 /// The normalized difference of one weight, max over the parents.
 #[derive(Clone, Debug, PartialEq)]

@@ -4,21 +4,24 @@
 //! maps its range onto tensors; each tensor piece comes from the base, from a donor verbatim,
 //! or from computed chunks (for FP8, whole 128-row bands, since a block scale spans 128 rows).
 
+pub mod cache;
+pub mod prefetch;
+
 use std::cell::RefCell;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::cache::{Chunk, ChunkCache, ChunkKey};
-use crate::checkpoint::{Shard, TensorInfo};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kernels::{self, FP8_BLOCK};
-use crate::models::Models;
-use crate::plan::{Plan, Source};
+use crate::model::checkpoint::{Shard, TensorInfo};
+use crate::model::dtype::DType;
+use crate::model::models::Models;
+use crate::recipe::plan::{Plan, Source};
+use crate::recipe::stats::StatsStore;
 use crate::recipe::{Recipe, RECIPE_FILE};
-use crate::stats::StatsStore;
+use crate::synth::cache::{Chunk, ChunkCache, ChunkKey};
 
 /// Default target size of a computed chunk, in output bytes.
 pub const DEFAULT_CHUNK_BYTES: usize = 4 << 20;
@@ -34,7 +37,7 @@ pub struct Engine {
     /// Target chunk size in output bytes.
     pub chunk_bytes: usize,
     next_variant: AtomicU32,
-    units: std::sync::OnceLock<Arc<crate::plan::UnitIndex>>,
+    units: std::sync::OnceLock<Arc<crate::recipe::plan::UnitIndex>>,
 }
 
 impl Engine {
@@ -57,9 +60,9 @@ impl Engine {
     }
 
     /// The base's units, indexed once and shared by every child.
-    pub fn unit_index(&self) -> Arc<crate::plan::UnitIndex> {
+    pub fn unit_index(&self) -> Arc<crate::recipe::plan::UnitIndex> {
         self.units
-            .get_or_init(|| Arc::new(crate::plan::UnitIndex::new(&self.models)))
+            .get_or_init(|| Arc::new(crate::recipe::plan::UnitIndex::new(&self.models)))
             .clone()
     }
 }
@@ -622,7 +625,7 @@ impl Child {
     #[allow(clippy::too_many_arguments)]
     fn mix_chunk(
         &self,
-        srcs: &[crate::models::TensorSource<'_>],
+        srcs: &[crate::model::models::TensorSource<'_>],
         w: &[f32],
         e0: usize,
         e1: usize,
@@ -664,29 +667,30 @@ impl Child {
         let mut scales = Vec::new();
         // The inputs are the parents' mappings: a file that shrank after its size was checked
         // reads as zeros where it lost pages, and the chunk is thrown away.
-        let ((), fault) = crate::guard::guarded(|| match (out_dtype, base.scale.is_some()) {
-            (DType::F8E4M3, true) => {
-                let nb = (r1 - r0).div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK);
-                scales.resize(nb, 0f32);
-                kernels::mix(&inputs, cols, out_dtype, &mut data, Some(&mut scales));
-            }
-            (DType::F8E4M3, false) => {
-                // An FP8 weight without block scales: the plain cast, scale 1.
-                SCRATCH.with(|s| {
-                    let acc = &mut *s.borrow_mut();
-                    acc.clear();
-                    acc.resize(n, 0.0);
-                    for (i, inp) in inputs.iter().enumerate() {
-                        let sc = inp.scales.map(|s| (s, cols));
-                        kernels::accumulate(inp.dtype, inp.bytes, sc, inp.weight, acc, i == 0);
-                    }
-                    for (d, &x) in data.iter_mut().zip(acc.iter()) {
-                        *d = kernels::f32_to_fp8(x);
-                    }
-                });
-            }
-            (dt, _) => kernels::mix(&inputs, cols, dt, &mut data, None),
-        });
+        let ((), fault) =
+            crate::model::guard::guarded(|| match (out_dtype, base.scale.is_some()) {
+                (DType::F8E4M3, true) => {
+                    let nb = (r1 - r0).div_ceil(FP8_BLOCK) * cols.div_ceil(FP8_BLOCK);
+                    scales.resize(nb, 0f32);
+                    kernels::mix(&inputs, cols, out_dtype, &mut data, Some(&mut scales));
+                }
+                (DType::F8E4M3, false) => {
+                    // An FP8 weight without block scales: the plain cast, scale 1.
+                    SCRATCH.with(|s| {
+                        let acc = &mut *s.borrow_mut();
+                        acc.clear();
+                        acc.resize(n, 0.0);
+                        for (i, inp) in inputs.iter().enumerate() {
+                            let sc = inp.scales.map(|s| (s, cols));
+                            kernels::accumulate(inp.dtype, inp.bytes, sc, inp.weight, acc, i == 0);
+                        }
+                        for (d, &x) in data.iter_mut().zip(acc.iter()) {
+                            *d = kernels::f32_to_fp8(x);
+                        }
+                    });
+                }
+                (dt, _) => kernels::mix(&inputs, cols, dt, &mut data, None),
+            });
         if let Some(addr) = fault {
             let hit = srcs.iter().find(|s| s.shard.maps(addr)).unwrap_or(base);
             hit.shard.retire();

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
 use crate::kernels::FP8_BLOCK;
-use crate::plan::Source;
+use crate::recipe::plan::Source;
 use crate::synth::{Child, FileKind};
 
 /// Tuning of the sequential-read planner.

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::plan::Source;
+use crate::recipe::plan::Source;
 use crate::recipe::Group;
 use crate::synth::Child;
 
