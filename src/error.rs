@@ -75,6 +75,12 @@ pub enum Error {
     NoSuchFile { name: String },
     /// Stopped by a signal.
     Interrupted,
+    /// Worker threads that could not be started.
+    Threads { reason: String },
+    /// A mount daemon that failed before serving (its own error, as it reported it).
+    Daemon { mountpoint: PathBuf, reason: String },
+    /// A broken internal invariant: a bug in aoe, never the user's input.
+    Internal { what: String },
     /// An error met by another thread computing the same chunk, shared with every waiter.
     Shared(std::sync::Arc<Error>),
 }
@@ -206,6 +212,9 @@ impl fmt::Display for Error {
             NoSuchFile { name } => write!(f, "{name}: no such file in the child"),
             Shared(e) => e.fmt(f),
             Interrupted => write!(f, "interrupted; temporary files removed"),
+            Threads { reason } => write!(f, "cannot start threads: {reason}"),
+            Daemon { mountpoint, reason } => write!(f, "{}: {}", mountpoint.display(), reason),
+            Internal { what } => write!(f, "internal error (a bug in aoe): {what}"),
         }
     }
 }
@@ -214,6 +223,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io { source, .. } => Some(source),
+            Error::Shared(e) => Some(e.as_ref()),
             _ => None,
         }
     }

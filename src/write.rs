@@ -13,10 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::kernels::FP8_BLOCK;
 use crate::model::checkpoint::{Shard, TensorInfo};
-use crate::recipe::plan::Source;
-use crate::synth::{Child, FileKind};
+use crate::synth::{Child, FileKind, TensorBytes};
 
 /// Options of a write.
 #[derive(Clone, Debug)]
@@ -139,8 +137,8 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .build()
-        .map_err(|e| Error::BadRecipe {
-            reason: format!("cannot start threads: {e}"),
+        .map_err(|e| Error::Threads {
+            reason: e.to_string(),
         })?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let tmp_of = |name: &str| out.join(format!(".{name}.aoe-tmp-{}", std::process::id()));
@@ -364,66 +362,64 @@ impl Ctx<'_> {
                     name: shard.name.clone(),
                 })
         };
-        match child.plan.source(u, models, &child.engine.stats)? {
-            Source::Base => {
-                for (sh, t) in tensors {
-                    self.copy_tensor(sh, t, dst(sh)?, t.start)?;
+        // Each tensor's bytes as the layout says; mixed ones are written chunk by chunk below,
+        // weight and block scales of a chunk together.
+        let mut mixed: Vec<(usize, &TensorInfo, u64)> = Vec::with_capacity(2);
+        let mut weights = None;
+        for &(sh, t) in &tensors {
+            match child.tensor_bytes(sh, t)? {
+                TensorBytes::Verbatim(from, start) => {
+                    self.copy_range_of(from, start, t.len, dst(sh)?, t.start)?
                 }
-            }
-            Source::Donor(k) => {
-                for (sh, t) in tensors {
-                    let (ds, dt) = models.donor_copy(k, t)?;
-                    self.copy_tensor(ds, dt, dst(sh)?, t.start)?;
-                }
-            }
-            Source::Mix(w) => {
-                let lay = child.layout(u)?;
-                let (wsh, wt) = tensors[0];
-                let wfile = dst(wsh)?;
-                // Only the base's FP8 block scales are computed; any other companion stays the base's.
-                let computed_scales = models.source(0, &unit.weight)?.scale.is_some();
-                let scale = match tensors.get(1) {
-                    Some(&(sh, t)) if computed_scales => Some((dst(sh)?, t)),
-                    Some(&(sh, t)) => {
-                        self.copy_tensor(sh, t, dst(sh)?, t.start)?;
-                        None
+                TensorBytes::Mixed {
+                    unit,
+                    w,
+                    bytes_per_chunk,
+                    ..
+                } => {
+                    if unit != u {
+                        return Err(Error::Internal {
+                            what: format!("tensor {} planned as part of another unit", t.name),
+                        });
                     }
-                    None => None,
+                    mixed.push((dst(sh)?, t, bytes_per_chunk));
+                    weights = Some(w);
+                }
+            }
+        }
+        let Some(w) = weights else { return Ok(()) };
+        for c in 0..child.layout(u)?.chunks {
+            if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Error::Interrupted);
+            }
+            let chunk = child.compute_chunk(u, c, &w)?;
+            let mut n = 0u64;
+            for &(file, t, bytes_per_chunk) in &mixed {
+                let part = if t.name == unit.weight {
+                    &chunk.data
+                } else {
+                    &chunk.scales
                 };
-                let scale_span = (lay.block_rows * lay.cols.div_ceil(FP8_BLOCK) * 4) as u64;
-                for c in 0..lay.chunks {
-                    if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                        return Err(Error::Interrupted);
-                    }
-                    let (e0, _) = lay.elements(c);
-                    let chunk = child.compute_chunk(u, c, &w)?;
-                    let at = wt.start + (e0 * wt.dtype.size()) as u64;
-                    self.out(wfile)?
-                        .write_all_at(&chunk.data, at)
-                        .map_err(|e| self.write_error(wfile, e))?;
-                    let mut n = chunk.data.len() as u64;
-                    if let Some((sfile, st)) = scale {
-                        let at = st.start + c as u64 * scale_span;
-                        self.out(sfile)?
-                            .write_all_at(&chunk.scales, at)
-                            .map_err(|e| self.write_error(sfile, e))?;
-                        n += chunk.scales.len() as u64;
-                    }
-                    self.computed.fetch_add(n, Ordering::Relaxed);
-                    self.advance(n);
-                    let crate::synth::cache::Chunk { data, scales } = chunk;
-                    child.engine.cache.give_buffer(data);
-                    child.engine.cache.give_buffer(scales);
-                }
+                let at = t.start + c as u64 * bytes_per_chunk;
+                self.out(file)?
+                    .write_all_at(part, at)
+                    .map_err(|e| self.write_error(file, e))?;
+                n += part.len() as u64;
             }
+            self.computed.fetch_add(n, Ordering::Relaxed);
+            self.advance(n);
+            let crate::synth::cache::Chunk { data, scales } = chunk;
+            child.engine.cache.give_buffer(data);
+            child.engine.cache.give_buffer(scales);
         }
         Ok(())
     }
 
-    fn copy_tensor(&self, src: &Shard, t: &TensorInfo, file: usize, at: u64) -> Result<()> {
-        copy_range(&src.file, t.start, self.out(file)?, at, t.len)
+    /// Copies `len` bytes of `src` at `from` to output file `file` at `at`.
+    fn copy_range_of(&self, src: &Shard, from: u64, len: u64, file: usize, at: u64) -> Result<()> {
+        copy_range(&src.file, from, self.out(file)?, at, len)
             .map_err(|e| self.copy_error(&src.path, file, e))?;
-        self.advance(t.len);
+        self.advance(len);
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use clap::Parser;
 
 use aoe::cli::{parse_size, RecipeArgs};
 use aoe::mount::daemon::{self, MountConfig, Ready};
-use aoe::mount::fs::{read_sweep, EngineOptions, Fs, FsOptions};
+use aoe::mount::fs::{read_sweep, Fs, FsOptions, MountEngineOptions};
 use aoe::mount::table;
 use aoe::synth::prefetch::PrefetchConfig;
 use aoe::Result;
@@ -119,7 +119,7 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let mnt = table::check_mountpoint(&args.mountpoint)?;
-    let eng = EngineOptions {
+    let eng = MountEngineOptions {
         cache_bytes: args.cache_size,
         chunk_bytes: args.chunk_size,
         stats_dir: args

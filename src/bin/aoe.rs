@@ -2,13 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
 use aoe::cli::{byte_progress, parse_size, RecipeArgs};
-use aoe::model::models::Models;
-use aoe::synth::{Child, Engine};
+use aoe::synth::{Child, Engine, EngineOptions};
 use aoe::write::{check_output, write_child, WriteOptions};
 use aoe::Result;
 
@@ -185,9 +183,16 @@ fn run(cmd: Cmd) -> Result<()> {
             // Per thread: the f32 accumulator (4 bytes per element) plus the output chunk.
             let chunk =
                 chunk_size.unwrap_or_else(|| (memory / (threads * 6)).clamp(64 << 10, 16 << 20));
-            let models = Models::open(&recipe.base, &recipe.parents)?;
-            let engine = Engine::new(models, stats_dir(cache_dir).as_deref(), 0, chunk);
-            let child = Child::new(Arc::new(engine), recipe)?;
+            let engine = Engine::open(
+                &recipe.base,
+                &recipe.parents,
+                &EngineOptions {
+                    cache_bytes: 0,
+                    chunk_bytes: chunk,
+                    stats_dir: stats_dir(cache_dir),
+                },
+            )?;
+            let child = Child::new(engine, recipe)?;
             let total: u64 = child.files.iter().map(|f| f.size).sum();
             let pb = byte_progress(total, "writing");
             let _ = PB.set(pb.clone());
@@ -219,9 +224,16 @@ fn run(cmd: Cmd) -> Result<()> {
             cache_dir,
         } => {
             let recipe = recipe.resolve()?;
-            let models = Models::open(&recipe.base, &recipe.parents)?;
-            let engine = Engine::new(models, stats_dir(cache_dir).as_deref(), 0, 1 << 20);
-            let child = Child::new(Arc::new(engine), recipe)?;
+            let engine = Engine::open(
+                &recipe.base,
+                &recipe.parents,
+                &EngineOptions {
+                    cache_bytes: 0,
+                    chunk_bytes: 1 << 20,
+                    stats_dir: stats_dir(cache_dir),
+                },
+            )?;
+            let child = Child::new(engine, recipe)?;
             let report = aoe::commands::plan::plan_report(&child, threads_or_cores(threads))?;
             if let Err(e) = child.engine.stats.flush() {
                 eprintln!("aoe: warning: cannot save δ statistics: {e}");
@@ -257,20 +269,23 @@ fn run(cmd: Cmd) -> Result<()> {
             cache_dir,
         } => {
             let metric = aoe::recipe::Metric::parse(&plot_metric)?;
-            let models = Models::open(&base, &parents)?;
-            let stats =
-                aoe::recipe::stats::StatsStore::new(&models, stats_dir(cache_dir).as_deref());
-            let total: u64 = models.base().shards.iter().map(|s| s.size).sum();
-            let pb = byte_progress(total, "measuring");
-            let rows = aoe::commands::diff::compute(
-                &models,
-                &stats,
-                threads_or_cores(threads),
-                &|d, t| {
-                    pb.set_length(t);
-                    pb.set_position(d);
+            let engine = Engine::open(
+                &base,
+                &parents,
+                &EngineOptions {
+                    cache_bytes: 0,
+                    chunk_bytes: 1 << 20,
+                    stats_dir: stats_dir(cache_dir),
                 },
             )?;
+            let (models, stats) = (&engine.models, &engine.stats);
+            let total: u64 = models.base().shards.iter().map(|s| s.size).sum();
+            let pb = byte_progress(total, "measuring");
+            let rows =
+                aoe::commands::diff::compute(models, stats, threads_or_cores(threads), &|d, t| {
+                    pb.set_length(t);
+                    pb.set_position(d);
+                })?;
             pb.finish_and_clear();
             if let Err(e) = stats.flush() {
                 eprintln!("aoe: warning: cannot save δ statistics: {e}");

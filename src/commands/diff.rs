@@ -138,8 +138,8 @@ pub fn compute(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()
-        .map_err(|e| Error::BadRecipe {
-            reason: format!("cannot start threads: {e}"),
+        .map_err(|e| Error::Threads {
+            reason: e.to_string(),
         })?;
     let next = AtomicUsize::new(0);
     let done = Mutex::new(0u64);

@@ -7,9 +7,8 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::recipe::plan::Source;
 use crate::recipe::Group;
-use crate::synth::Child;
+use crate::synth::{Child, TensorBytes};
 
 /// Where a unit's bytes come from, as counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,34 +43,39 @@ pub fn plan_report(child: &Child, threads: usize) -> Result<PlanReport> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()
-        .map_err(|e| Error::BadRecipe {
-            reason: format!("cannot start threads: {e}"),
+        .map_err(|e| Error::Threads {
+            reason: e.to_string(),
         })?;
-    let models = &child.engine.models;
-    let base = models.base();
-    let decided: Vec<(Group, Origin, Tally)> = pool.install(|| {
+    let base = child.engine.models.base();
+    // Per tensor, as the layout serves it: a companion that stays the base's under a mix
+    // counts as the base's.
+    let decided: Vec<Vec<(Group, Origin, Tally)>> = pool.install(|| {
         (0..child.plan.units().len())
             .into_par_iter()
             .map(|u| {
                 let unit = &child.plan.units()[u];
-                let origin = match child.plan.source(u, models, &child.engine.stats)? {
-                    Source::Base => Origin::Base,
-                    Source::Donor(_) => Origin::Donor,
-                    Source::Mix(_) => Origin::Mixed,
-                };
-                let mut t = Tally::default();
+                let mut out = Vec::with_capacity(2);
                 for name in std::iter::once(&unit.weight).chain(unit.scale.iter()) {
-                    if let Some((_, info)) = base.get(name) {
-                        t.tensors += 1;
-                        t.bytes += info.len;
-                    }
+                    let Some((shard, info)) = base.get(name) else {
+                        continue;
+                    };
+                    let origin = match child.tensor_bytes(shard, info)? {
+                        TensorBytes::Verbatim(from, _) if std::ptr::eq(from, shard) => Origin::Base,
+                        TensorBytes::Verbatim(..) => Origin::Donor,
+                        TensorBytes::Mixed { .. } => Origin::Mixed,
+                    };
+                    let t = Tally {
+                        tensors: 1,
+                        bytes: info.len,
+                    };
+                    out.push((unit.group, origin, t));
                 }
-                Ok((unit.group, origin, t))
+                Ok(out)
             })
             .collect::<Result<Vec<_>>>()
     })?;
     let mut report = PlanReport::default();
-    for (g, o, t) in decided {
+    for (g, o, t) in decided.into_iter().flatten() {
         let e = &mut report.groups.entry(g).or_default()[o as usize];
         e.tensors += t.tensors;
         e.bytes += t.bytes;

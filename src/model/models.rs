@@ -19,12 +19,35 @@ pub struct Models {
 }
 
 impl Models {
-    /// Opens and validates every checkpoint.
+    /// Opens and validates every checkpoint, in parallel (one short-lived thread each, all
+    /// joined before returning, so that the caller may still fork); the first failure in
+    /// recipe order is reported, as opening them one by one would.
     pub fn open(base: &Path, parents: &[PathBuf]) -> Result<Models> {
-        let mut list = vec![Arc::new(Checkpoint::open(base)?)];
-        for p in parents {
-            list.push(Arc::new(Checkpoint::open(p)?));
-        }
+        let dirs: Vec<&Path> = std::iter::once(base)
+            .chain(parents.iter().map(PathBuf::as_path))
+            .collect();
+        let opened: Vec<Result<Checkpoint>> = std::thread::scope(|s| {
+            let handles: Vec<_> = dirs
+                .iter()
+                .map(|d| s.spawn(move || Checkpoint::open(d)))
+                .collect();
+            handles
+                .into_iter()
+                .zip(&dirs)
+                .map(|(h, d)| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::BadHeader {
+                            path: d.to_path_buf(),
+                            reason: "checkpoint reader panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        let list = opened
+            .into_iter()
+            .map(|r| r.map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Models { list })
     }
 
@@ -36,8 +59,8 @@ impl Models {
     /// Model `k`'s copy of base tensor `t` (its shard and entry), which must have `t`'s length:
     /// what a one-hot donor's bytes are read from.
     pub fn donor_copy(&self, k: usize, t: &TensorInfo) -> Result<(&Shard, &TensorInfo)> {
-        let ck = self.list.get(k).ok_or_else(|| Error::BadRecipe {
-            reason: format!("no model {k}"),
+        let ck = self.list.get(k).ok_or_else(|| Error::Internal {
+            what: format!("no model {k}"),
         })?;
         let (ds, dt) = ck.get(&t.name).ok_or_else(|| Error::MissingTensor {
             parent: ck.dir.clone(),
@@ -57,8 +80,8 @@ impl Models {
     /// Model `i`'s copy of weight `name`, with its scales when model `i` has them.
     /// Checks presence, shape against the base, and the scale companion's dtype and shape.
     pub fn source(&self, i: usize, name: &str) -> Result<TensorSource<'_>> {
-        let ck = self.list.get(i).ok_or_else(|| Error::BadRecipe {
-            reason: format!("no model {i}"),
+        let ck = self.list.get(i).ok_or_else(|| Error::Internal {
+            what: format!("no model {i}"),
         })?;
         let (shard, info) = ck.get(name).ok_or_else(|| Error::MissingTensor {
             parent: ck.dir.clone(),

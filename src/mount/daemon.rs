@@ -321,8 +321,8 @@ pub fn spawn_daemon(fs: Fs, cfg: &MountConfig, log_file: &Path) -> Result<u32> {
                 log_file.display()
             )
         });
-    Err(Error::BadOutput {
-        path: cfg.mountpoint.clone(),
+    Err(Error::Daemon {
+        mountpoint: cfg.mountpoint.clone(),
         reason: e,
     })
 }

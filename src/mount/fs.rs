@@ -28,11 +28,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::model::checkpoint::Checkpoint;
-use crate::model::models::Models;
+
 use crate::recipe::{Recipe, RecipeSpec};
 use crate::synth::prefetch::{PrefetchConfig, Prefetcher, SeqState};
-use crate::synth::{Child, Engine, FileKind};
+use crate::synth::{Child, Engine, EngineOptions, FileKind};
 
 /// Inode of the root directory.
 pub const ROOT: u64 = 1;
@@ -126,9 +125,9 @@ pub struct StatFs {
     pub files: u64,
 }
 
-/// How the engine is built.
+/// How a mount's engine is built.
 #[derive(Clone, Debug)]
-pub struct EngineOptions {
+pub struct MountEngineOptions {
     /// Byte budget of the chunk cache.
     pub cache_bytes: usize,
     /// Chunk size in output bytes (default: [`mount_chunk_bytes`] of the budget).
@@ -234,53 +233,29 @@ fn file_ino(v: usize, i: usize) -> u64 {
     dir_ino(v) | ((i as u64) + 1)
 }
 
-/// Opens the models of `base` and `parents` and wraps them in an engine. The checkpoints are
-/// opened in parallel (one short-lived thread each, all joined before returning, so that the
-/// caller may still fork).
-pub fn open_engine(base: &Path, parents: &[PathBuf], eng: &EngineOptions) -> Result<Arc<Engine>> {
-    let dirs: Vec<&Path> = std::iter::once(base)
-        .chain(parents.iter().map(PathBuf::as_path))
-        .collect();
-    let opened: Vec<Result<Checkpoint>> = std::thread::scope(|s| {
-        let handles: Vec<_> = dirs
-            .iter()
-            .map(|d| s.spawn(move || Checkpoint::open(d)))
-            .collect();
-        handles
-            .into_iter()
-            .zip(&dirs)
-            .map(|(h, d)| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::BadHeader {
-                        path: d.to_path_buf(),
-                        reason: "checkpoint reader panicked".into(),
-                    })
-                })
-            })
-            .collect()
-    });
-    // The first failure in recipe order, as opening them one by one would report.
-    let list = opened
-        .into_iter()
-        .map(|r| r.map(Arc::new))
-        .collect::<Result<Vec<_>>>()?;
-    let models = Models { list };
-    let chunk = eng
-        .chunk_bytes
-        .unwrap_or_else(|| mount_chunk_bytes(eng.cache_bytes));
-    let engine = Engine::new(models, eng.stats_dir.as_deref(), eng.cache_bytes, chunk);
+/// Opens the engine of a mount: chunks sized for the cache ([`mount_chunk_bytes`] unless
+/// given), and a small pool of idle buffers.
+fn open_engine(base: &Path, parents: &[PathBuf], eng: &MountEngineOptions) -> Result<Arc<Engine>> {
+    let opts = EngineOptions {
+        cache_bytes: eng.cache_bytes,
+        chunk_bytes: eng
+            .chunk_bytes
+            .unwrap_or_else(|| mount_chunk_bytes(eng.cache_bytes)),
+        stats_dir: eng.stats_dir.clone(),
+    };
+    let engine = Engine::open(base, parents, &opts)?;
     // Idle buffers count against memory too: a small pool keeps RSS near the budget while
     // still reusing buffers (each eviction hands one to the next computation).
     engine
         .cache
         .set_pool_limit((eng.cache_bytes / 8).clamp(2 << 20, 16 << 20));
-    Ok(Arc::new(engine))
+    Ok(engine)
 }
 
 impl Fs {
     /// The single layout: the root is the child of `recipe`. Opens and validates the parents
     /// and plans the recipe (so a bad recipe fails here, before anything is mounted).
-    pub fn single(recipe: Recipe, eng: &EngineOptions, opts: FsOptions) -> Result<Fs> {
+    pub fn single(recipe: Recipe, eng: &MountEngineOptions, opts: FsOptions) -> Result<Fs> {
         let t = Instant::now();
         let engine = open_engine(&recipe.base, &recipe.parents, eng)?;
         let opened = t.elapsed();
@@ -301,7 +276,7 @@ impl Fs {
     pub fn variants(
         template: RecipeSpec,
         sweep: Vec<(String, RecipeSpec)>,
-        eng: &EngineOptions,
+        eng: &MountEngineOptions,
         opts: FsOptions,
     ) -> Result<Fs> {
         let bad = |reason: String| Error::BadRecipe { reason };
@@ -1038,8 +1013,8 @@ mod tests {
         }
     }
 
-    fn eng() -> EngineOptions {
-        EngineOptions {
+    fn eng() -> MountEngineOptions {
+        MountEngineOptions {
             cache_bytes: 8 << 20,
             chunk_bytes: Some(64 << 10),
             stats_dir: None,

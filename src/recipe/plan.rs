@@ -118,8 +118,8 @@ impl Plan {
     /// be built: present in every model, same shape, mixable dtypes, consistent block scales.
     pub fn new(recipe: &Recipe, models: &Models, index: Arc<UnitIndex>) -> Result<Plan> {
         if models.list.len() != recipe.models() {
-            return Err(Error::BadRecipe {
-                reason: "models do not match the recipe".into(),
+            return Err(Error::Internal {
+                what: "models do not match the recipe".into(),
             });
         }
         let mut intents: Vec<Intent> = vec![Intent::Base];

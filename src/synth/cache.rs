@@ -228,8 +228,8 @@ impl ChunkCache {
         // of this chunk would wait forever.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(compute))
             .unwrap_or_else(|_| {
-                Err(Error::BadRecipe {
-                    reason: "internal error: chunk computation panicked".into(),
+                Err(Error::Internal {
+                    what: "chunk computation panicked".into(),
                 })
             })
             .map(Arc::new)

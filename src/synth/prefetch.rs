@@ -20,9 +20,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
-use crate::kernels::FP8_BLOCK;
-use crate::recipe::plan::Source;
-use crate::synth::{Child, FileKind};
+use crate::synth::{Child, FileKind, TensorBytes};
 
 /// Tuning of the sequential-read planner.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,32 +272,20 @@ pub fn warm(child: &Child, file: usize, offset: u64, len: u64) -> Result<u64> {
         if hi <= lo {
             continue;
         }
-        let Some((u, is_scale)) = child.plan.unit_of(&t.name) else {
-            will_need(&shard.file, t.start + lo, hi - lo);
-            continue;
-        };
-        match child.plan.source(u, models, &child.engine.stats)? {
-            Source::Base => will_need(&shard.file, t.start + lo, hi - lo),
-            Source::Donor(k) => {
-                if let Some((ds, dt)) = models.list.get(k).and_then(|c| c.get(&t.name)) {
-                    will_need(&ds.file, dt.start + lo, hi - lo);
-                }
-            }
-            Source::Mix(w) => {
-                // The same cut as `Child::read`: a chunk holds `per_chunk` elements of the
-                // weight and `block_rows` block rows of its scales.
-                let lay = child.layout(u)?;
-                let span = if is_scale {
-                    (lay.block_rows * lay.cols.div_ceil(FP8_BLOCK) * 4) as u64
-                } else {
-                    (lay.per_chunk * t.dtype.size()) as u64
-                };
-                if span == 0 {
+        match child.tensor_bytes(shard, t)? {
+            TensorBytes::Verbatim(from, start) => will_need(&from.file, start + lo, hi - lo),
+            TensorBytes::Mixed {
+                unit,
+                w,
+                bytes_per_chunk,
+                ..
+            } => {
+                if bytes_per_chunk == 0 {
                     continue;
                 }
-                for c in (lo / span)..=((hi - 1) / span) {
-                    if !child.chunk_cached(u, c as usize) {
-                        let ch = child.chunk(u, c as usize, &w)?;
+                for c in (lo / bytes_per_chunk)..=((hi - 1) / bytes_per_chunk) {
+                    if !child.chunk_cached(unit, c as usize) {
+                        let ch = child.chunk(unit, c as usize, &w)?;
                         computed += (ch.data.len() + ch.scales.len()) as u64;
                     }
                 }
