@@ -3,8 +3,11 @@
 //! A [`RecipeSpec`] is what a user wrote (flags, a JSON file, a variant name), every field
 //! optional so that flags can override a file. [`Recipe`] is the validated, resolved form.
 
+mod groups;
 pub mod plan;
 pub mod stats;
+
+pub use groups::{layer_of, Group};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -16,108 +19,6 @@ use crate::error::{Error, Result};
 
 /// The file a child carries its recipe in.
 pub const RECIPE_FILE: &str = "aoe_recipe.json";
-
-/// Tensor groups of DESIGN §2, in matching order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Group {
-    /// Routed experts.
-    Experts,
-    /// Shared experts.
-    SharedExperts,
-    /// MoE router weight and bias.
-    Router,
-    /// Norm weights.
-    Norms,
-    /// Attention projections.
-    Attention,
-    /// Dense MLPs.
-    DenseMlp,
-    /// Embeddings and output heads.
-    Embeddings,
-    /// Anything else.
-    Other,
-}
-
-impl Group {
-    /// All groups in matching order.
-    pub const ALL: [Group; 8] = [
-        Group::Experts,
-        Group::SharedExperts,
-        Group::Router,
-        Group::Norms,
-        Group::Attention,
-        Group::DenseMlp,
-        Group::Embeddings,
-        Group::Other,
-    ];
-
-    /// The name used in flags and reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Group::Experts => "experts",
-            Group::SharedExperts => "shared-experts",
-            Group::Router => "router",
-            Group::Norms => "norms",
-            Group::Attention => "attention",
-            Group::DenseMlp => "dense-mlp",
-            Group::Embeddings => "embeddings",
-            Group::Other => "other",
-        }
-    }
-
-    /// Parses a group name.
-    pub fn parse(s: &str) -> Option<Group> {
-        Group::ALL.into_iter().find(|g| g.name() == s)
-    }
-
-    fn pattern(self) -> Option<&'static str> {
-        Some(match self {
-            Group::Experts => r"\.(mlp|block_sparse_moe)\.experts\.[0-9]+\.",
-            Group::SharedExperts => r"\.mlp\.shared_experts\.",
-            Group::Router => r"\.(mlp|block_sparse_moe)\.gate\.(weight|e_score_correction_bias)$",
-            Group::Norms => r"norm\.weight$",
-            Group::Attention => r"\.self_attn\.",
-            Group::DenseMlp => r"\.mlp\.(gate|up|down)_proj\.",
-            Group::Embeddings => r"(embed_tokens|lm_head|shared_head\.head)\.weight$",
-            Group::Other => return None,
-        })
-    }
-
-    /// The group of a weight name: the first whose pattern matches.
-    pub fn of(name: &str) -> Group {
-        // One pass of a RegexSet over the name instead of one search per pattern.
-        static SET: std::sync::OnceLock<(regex::RegexSet, Vec<Group>)> = std::sync::OnceLock::new();
-        let (set, groups) = SET.get_or_init(|| {
-            let groups: Vec<Group> = Group::ALL
-                .into_iter()
-                .filter(|g| g.pattern().is_some())
-                .collect();
-            let set = regex::RegexSet::new(groups.iter().filter_map(|g| g.pattern()))
-                .expect("group patterns are valid");
-            (set, groups)
-        });
-        set.matches(name)
-            .iter()
-            .next()
-            .and_then(|i| groups.get(i).copied())
-            .unwrap_or(Group::Other)
-    }
-}
-
-impl fmt::Display for Group {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// The decoder layer a tensor name belongs to (`model.layers.N.`), if any.
-pub fn layer_of(name: &str) -> Option<u32> {
-    let rest = name.split("layers.").nth(1)?;
-    let digits: &str = &rest[..rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len())];
-    digits.parse().ok()
-}
 
 /// The statistic δ is compared against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
