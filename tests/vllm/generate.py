@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--reload", nargs="*", default=[], metavar="DIR")
     ap.add_argument("--reload-method", choices=["aoe", "vllm"], default="aoe")
+    ap.add_argument("--fp8-reference", action="store_true",
+                    help="worker extension fp8_reference.Fp8ReferenceSwapExtension: reference FP8 "
+                         "kernels on CPUs without AMX (test only; see fp8_reference.py)")
     ap.add_argument("--describe", action="store_true",
                     help="add aoe_describe's summary (without the tensor list) to the output")
     ap.add_argument("--refuse", nargs="*", default=[], metavar="DIR",
@@ -58,7 +61,11 @@ def main() -> None:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     # The extension lives in python/ of this repository; an installed aoe_vllm works too.
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(here, "..", "..", "python"))
+    sys.path.insert(0, here)
+    extension = ("fp8_reference.Fp8ReferenceSwapExtension" if args.fp8_reference
+                 else "aoe_vllm.SwapExtension")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -74,7 +81,7 @@ def main() -> None:
         dtype="bfloat16",
         compilation_config={"custom_ops": ["all", "-rotary_embedding"]},
         distributed_executor_backend="uni",
-        worker_extension_cls="aoe_vllm.SwapExtension",
+        worker_extension_cls=extension,
         seed=0,
         **kwargs,
     )
