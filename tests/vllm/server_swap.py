@@ -2,7 +2,7 @@
 a fresh server on B.
 
 Usage: server_swap.py A B [--method aoe|vllm] [--strategy lazy|eager] [--max-tokens N]
-                      [--prompts JSON] [--port P]
+                      [--prompts JSON] [--fp8-reference]
 
 Starts `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 (VLLM_SERVER_DEV_MODE=1, the
 CPU settings of DESIGN §7, `--worker-extension-cls aoe_vllm.SwapExtension`) on A, generates,
@@ -47,14 +47,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(model: str, port: int, strategy: str) -> list[str]:
+def server_command(model: str, port: int, strategy: str, fp8_reference: bool = False) -> list[str]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model, "--host", "127.0.0.1", "--port", str(port),
         "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "256",
         "--dtype", "bfloat16", "--seed", "0",
         "--compilation-config", json.dumps({"custom_ops": ["all", "-rotary_embedding"]}),
-        "--worker-extension-cls", "aoe_vllm.SwapExtension",
+        "--worker-extension-cls",
+        "fp8_reference.Fp8ReferenceSwapExtension" if fp8_reference else "aoe_vllm.SwapExtension",
     ]
     if strategy == "eager":
         cmd += ["--safetensors-load-strategy", "eager"]
@@ -64,7 +65,7 @@ def server_command(model: str, port: int, strategy: str) -> list[str]:
 def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(VLLM_SERVER_DEV_MODE="1", VLLM_MLA_DISABLE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    env["PYTHONPATH"] = os.path.abspath(PYTHON_DIR) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(PYTHON_DIR), HERE, env.get("PYTHONPATH", "")])
     return env
 
 
@@ -82,10 +83,11 @@ def post(url: str, body: object | None = None, timeout: float = 600) -> tuple[in
 class Server:
     """A vLLM OpenAI server child process; `stop()` (or leaving the `with`) ends it."""
 
-    def __init__(self, model: str, strategy: str, log: str, port: int | None = None):
+    def __init__(self, model: str, strategy: str, log: str, fp8_reference: bool = False,
+                 port: int | None = None):
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.cmd = server_command(model, self.port, strategy)
+        self.cmd = server_command(model, self.port, strategy, fp8_reference)
         self.log = open(log, "w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, env=server_env(), stdout=self.log,
@@ -168,17 +170,21 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--prompts")
     ap.add_argument("--log-dir", default="/tmp")
+    ap.add_argument("--fp8-reference", action="store_true",
+                    help="worker extension fp8_reference.Fp8ReferenceSwapExtension (CPUs without AMX)")
     args = ap.parse_args()
     prompts = json.loads(args.prompts) if args.prompts else DEFAULT_PROMPTS
     out: dict[str, object] = {"a": args.a, "b": args.b, "method": args.method,
                               "strategy": args.strategy}
-    with Server(args.a, args.strategy, os.path.join(args.log_dir, "aoe-vllm-server-a.log")) as s:
+    with Server(args.a, args.strategy, os.path.join(args.log_dir, "aoe-vllm-server-a.log"),
+                args.fp8_reference) as s:
         out["command"] = " ".join(s.cmd)
         out["start_seconds_a"] = round(s.start_seconds, 2)
         out["tokens_a"] = s.generate(prompts, args.max_tokens)
         out["swap"] = swap(s, args.b, args.method)
         out["tokens_swapped"] = s.generate(prompts, args.max_tokens)
-    with Server(args.b, args.strategy, os.path.join(args.log_dir, "aoe-vllm-server-b.log")) as s:
+    with Server(args.b, args.strategy, os.path.join(args.log_dir, "aoe-vllm-server-b.log"),
+                args.fp8_reference) as s:
         out["start_seconds_b"] = round(s.start_seconds, 2)
         out["tokens_fresh_b"] = s.generate(prompts, args.max_tokens)
     sw, fr = out["tokens_swapped"], out["tokens_fresh_b"]
