@@ -29,6 +29,14 @@ prepacked.  `aoe_reload` redoes that prepack for every such layer, and rebuilds 
 kernel's quant config over the layer's own scale tensors (the reload built it over the layer's
 temporary copies), so the model is in the state a fresh start on the directory gives.
 
+Block-FP8 models: the routed experts go through `Fp8MoEMethod`, whose
+`process_weights_after_loading` re-runs its whole conversion on a reload and rebuilds the MoE
+kernel (`_setup_kernel` → `_init_moe_kernel`), so vLLM's reload already gives fresh weights;
+the kernel's quant config is then built over the reload's temporary scale tensors (the same
+values as the serving ones), which `aoe_reload` points back at the layer's own.  vLLM 0.32's CPU
+FP8 kernels need AMX; swapped == fresh was verified on FP8 only through the reference kernels
+of the tests (tests/vllm/fp8_reference.py), in-process and through a server.
+
 The prefix cache lives in the scheduler, not in the worker: reset it after a reload
 (`LLM.reset_prefix_cache()` / `POST /reset_prefix_cache`), or cached KV blocks computed with the
 old weights are reused by prompts that share a prefix.
