@@ -350,3 +350,24 @@ fn the_table_puts_every_family_name_where_expected() {
         assert_eq!(group_of(n), g, "{n}");
     }
 }
+
+// One-hot copies of other groups whose names are new to the table (or family-specific).
+#[test]
+fn deepseek_v3_shared_experts_subset() {
+    check_one_hot_group("deepseek-v3", "shared-experts");
+}
+
+#[test]
+fn gpt_oss_router_subset_selects_mlp_router_weight_and_bias() {
+    check_one_hot_group("gpt-oss", "router");
+}
+
+#[test]
+fn gpt_oss_attention_subset_selects_sinks_and_biases() {
+    check_one_hot_group("gpt-oss", "attention");
+}
+
+#[test]
+fn glm4_moe_norms_subset_selects_q_norm_and_k_norm() {
+    check_one_hot_group("glm4-moe", "norms");
+}
