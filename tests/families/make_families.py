@@ -101,6 +101,11 @@ def write_family(fam, out, fam_index):
     for role, pseed in (("base", 1), ("parent", 2)):
         m = make_model(fam, ancestor_seed)  # the same ancestor for both siblings
         m = m.to(torch.bfloat16)
+        # as in the Hub's DeepSeek-V3 / Kimi-K2 / GLM-4.5: the router's score bias stays F32
+        for mod in m.modules():
+            b = getattr(mod, "e_score_correction_bias", None)
+            if isinstance(b, torch.Tensor):
+                mod.e_score_correction_bias = b.to(torch.float32)
         perturb(m, ancestor_seed * 10 + pseed)
         shard = max(total_bytes(m) // 3, 16 * 1024)
         m.save_pretrained(os.path.join(d, role), max_shard_size=shard)
