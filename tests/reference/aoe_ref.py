@@ -11,12 +11,16 @@ CLI
                                            read with safetensors.safe_open(framework="np")
                                            (--raw: parse the headers ourselves instead)
 
-Semantics (DESIGN §4):
-  unit = base weight W + its companion W_scale_inv when the base has one; group, subset, delta
-  and rules are decided on W's name.  Not selected / non-float base dtype / not (stat > delta)
+Semantics (DESIGN §4, with the family rules: the group table below and MXFP4):
+  unit = base weight W + its companion W_scale_inv when the base has one, or X_blocks + X_scales
+  (MXFP4, weight name X_blocks); group, subset, delta and rules are decided on the weight's name.
+  A parent may store an MXFP4 unit of the base as X (BF16/F16/F32, FP8 + X_scale_inv) of the
+  decoded shape [..., G*32], and a plain unit X of the base as X_blocks + X_scales.  The "stored"
+  delta metric of MXFP4 is its E2M1 values without the block scales (as FP8 codes without theirs).  Not selected / non-float base dtype / not (stat > delta)
   -> base bytes.  One weight exactly 1.0 and the others 0.0 and that model stores the unit in
   the base's dtypes -> that model's bytes.  Otherwise f32: dequantize, acc = w1*D1; acc = acc +
-  w2*D2; ..., then back to the base dtype (FP8: per-128x128-block requantization).
+  w2*D2; ..., then back to the base dtype (FP8: per-128x128-block requantization; MXFP4: new
+  blocks + E8M0 scales per 32 values).
 """
 
 import hashlib
@@ -67,14 +71,15 @@ SCALE_SUFFIX = "_scale_inv"
 BLOCK = 128
 FP8_MAX = np.float32(448.0)
 
-# DESIGN §2 table, in order; first match wins (re.search on the weight's name).
+# The group table (DESIGN §2 as amended for the model families), in order; first match wins
+# (re.search on the weight's name; a companion follows its weight).
 GROUPS = [
-    ("experts", r"\.(mlp|block_sparse_moe)\.experts\.\d+\."),
-    ("shared-experts", r"\.mlp\.shared_experts\."),
-    ("router", r"\.(mlp|block_sparse_moe)\.gate\.(weight|e_score_correction_bias)$"),
-    ("norms", r"norm\.weight$"),
+    ("experts", r"\.(mlp|block_sparse_moe)\.experts\."),
+    ("shared-experts", r"\.mlp\.shared_experts?\.|\.mlp\.shared_expert_gate\."),
+    ("router", r"\.(mlp|block_sparse_moe)\.(gate|router)\.(weight|bias|e_score_correction_bias)$"),
+    ("norms", r"norm\.(weight|bias)$"),
     ("attention", r"\.self_attn\."),
-    ("dense-mlp", r"\.mlp\.(gate|up|down)_proj\."),
+    ("dense-mlp", r"\.mlp\.(gate|up|down|gate_up)_proj\."),
     ("embeddings", r"(embed_tokens|lm_head|shared_head\.head)\.weight$"),
 ]
 GROUP_NAMES = [g for g, _ in GROUPS] + ["other"]
@@ -301,6 +306,111 @@ def requant_fp8(acc):
 
 
 # ---------------------------------------------------------------------------------------------
+# MXFP4 (OCP Microscaling, GPT-OSS layout): X_blocks U8 [..., G, 16] (32 E2M1 values per block,
+# value j in byte j // 2, low nibble for even j), X_scales U8 [..., G] (E8M0, 2^(s - 127)).
+
+BLOCKS_SUFFIX = "_blocks"
+SCALES_SUFFIX = "_scales"
+MX_BLOCK = 32
+# E2M1 magnitudes by 3-bit index; code bit 3 is the sign
+E2M1_MAG = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+E2M1_LUT = np.concatenate([E2M1_MAG, -E2M1_MAG]).astype(np.float32)  # code 8 -> -0.0
+QNAN_BITS = np.uint32(0x7FC00000)
+
+
+def e8m0_f32(s):
+    """E8M0 bytes -> f32 2^(s-127) (s = 0 is the subnormal 2^-127, s = 255 NaN), from bits."""
+    s = np.asarray(s, dtype=np.uint32)
+    bits = np.where(s == 0, np.uint32(0x00400000), s << np.uint32(23))
+    bits = np.where(s == 255, QNAN_BITS, bits).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def mxfp4_decode(blocks, scales):
+    """U8 [..., G, 16] + U8 [..., G] -> f32 [..., G * 32]."""
+    blocks = np.asarray(blocks, dtype=np.uint8)
+    scales = np.asarray(scales, dtype=np.uint8)
+    if blocks.ndim < 1 or blocks.shape[-1] != 16 or scales.shape != blocks.shape[:-1]:
+        raise RefError(f"MXFP4: blocks {blocks.shape} and scales {scales.shape} do not pair")
+    codes = np.empty(blocks.shape[:-1] + (MX_BLOCK,), dtype=np.uint8)
+    codes[..., 0::2] = blocks & 0x0F
+    codes[..., 1::2] = blocks >> 4
+    sc = e8m0_f32(scales)[..., None]
+    with np.errstate(over="ignore"):  # 6 * 2^127 -> +inf, as f32 math does
+        vals = np.multiply(E2M1_LUT[codes], sc, dtype=np.float32)  # one f32 multiply
+    nanblk = np.broadcast_to((scales == 255)[..., None], vals.shape)
+    vals = np.where(nanblk, QNAN_BITS.view(np.float32), vals).astype(np.float32)
+    return vals.reshape(blocks.shape[:-2] + (blocks.shape[-2] * MX_BLOCK,))
+
+
+def mxfp4_stored(blocks):
+    """E2M1 values without their scales (the 'stored' metric), f32 [..., G * 32]."""
+    blocks = np.asarray(blocks, dtype=np.uint8)
+    codes = np.empty(blocks.shape[:-1] + (MX_BLOCK,), dtype=np.uint8)
+    codes[..., 0::2] = blocks & 0x0F
+    codes[..., 1::2] = blocks >> 4
+    return E2M1_LUT[codes].reshape(blocks.shape[:-2] + (blocks.shape[-2] * MX_BLOCK,))
+
+
+def floor_log2_f32(a):
+    """floor(log2(a)) for finite positive f32 a, exactly from the bits (subnormals included)."""
+    bits = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.int64)
+    exp = (bits >> 23) & 0xFF
+    man = bits & 0x7FFFFF
+    # subnormal: value = man * 2^-149, floor(log2) = (index of man's leading set bit) - 149
+    lead = np.zeros_like(man)
+    m = man.copy()
+    for _ in range(23):
+        nz = m > 1
+        lead = np.where(nz, lead + 1, lead)
+        m = np.where(nz, m >> 1, m)
+    return np.where(exp > 0, exp - 127, lead - 149)
+
+
+def pow2_f32(e):
+    """f32 2^e for integer e in [-127, 127] (2^-127 is subnormal), from bits."""
+    e = np.asarray(e, dtype=np.int64)
+    bits = np.where(e >= -126, (e + 127) << 23, np.int64(0x00400000)).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def e2m1_index(a):
+    """|q| (f32, >= 0, not NaN) -> 3-bit magnitude index, nearest, ties to the even index."""
+    a = np.asarray(a, dtype=np.float32)
+    idx = np.zeros(a.shape, dtype=np.uint8)
+    # (lower bound, inclusive?) of each index 1..7; ties go to the even index of the two
+    for k, (lo, incl) in enumerate([(0.25, False), (0.75, True), (1.25, False), (1.75, True),
+                                    (2.5, False), (3.5, True), (5.0, False)], start=1):
+        hit = (a >= np.float32(lo)) if incl else (a > np.float32(lo))
+        idx = np.where(hit, np.uint8(k), idx)
+    return idx
+
+
+def mxfp4_encode(x):
+    """f32 [..., N] (N a multiple of 32) -> (blocks U8 [..., N/32, 16], scales U8 [..., N/32])."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim < 1 or x.shape[-1] % MX_BLOCK:
+        raise RefError(f"MXFP4: last dimension of {x.shape} is not a multiple of 32")
+    xb = x.reshape(x.shape[:-1] + (x.shape[-1] // MX_BLOCK, MX_BLOCK))
+    with np.errstate(all="ignore"):
+        ax = np.abs(xb)
+        bad = np.any(np.isnan(xb), axis=-1)
+        amax = np.max(np.where(np.isnan(ax), np.float32(0), ax), axis=-1).astype(np.float32)
+        bad = bad | np.isinf(amax)
+        zero = (amax == 0) & ~bad
+        safe = np.where(bad | zero, np.float32(1), amax).astype(np.float32)
+        e = np.maximum(floor_log2_f32(safe) - 2, -127)
+        e = np.where(zero, -127, e)
+        q = np.divide(xb, pow2_f32(e)[..., None], dtype=np.float32)  # one f32 division
+        idx = e2m1_index(np.where(np.isnan(q), np.float32(0), np.abs(q)))
+    codes = (np.signbit(xb).astype(np.uint8) << 3) | idx
+    codes = np.where(bad[..., None], np.uint8(0), codes).astype(np.uint8)
+    scales = np.where(bad, 255, e + 127).astype(np.uint8)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, scales
+
+
+# ---------------------------------------------------------------------------------------------
 # synthesis
 
 
@@ -310,33 +420,76 @@ class Synth:
         self.models = [Checkpoint(recipe.base)] + [Checkpoint(p) for p in recipe.parents]
         self.base = self.models[0]
         names = set(self.base.tensors)
-        self.companions = {n for n in names if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in names}
+        # MXFP4 units: X_blocks + X_scales, the weight's name is X_blocks
+        self.mx_units = {n for n in names if n.endswith(BLOCKS_SUFFIX)
+                         and n[: -len(BLOCKS_SUFFIX)] + SCALES_SUFFIX in names}
+        mx_comps = {n[: -len(BLOCKS_SUFFIX)] + SCALES_SUFFIX for n in self.mx_units}
+        fp8_comps = {n for n in names if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in names}
+        self.companions = (fp8_comps | mx_comps) - self.mx_units
         self.units = sorted(names - self.companions)
 
     def companion(self, w):
+        if w in self.mx_units:
+            return w[: -len(BLOCKS_SUFFIX)] + SCALES_SUFFIX
         c = w + SCALE_SUFFIX
         return c if c in self.companions else None
 
+    # A unit's tensors in one model: ("mx", X_blocks, X_scales) or ("plain", X).  The logical
+    # name X is the weight's name without _blocks for an MXFP4 unit of the base.
+    def form(self, m, w):
+        x = w[: -len(BLOCKS_SUFFIX)] if w in self.mx_units else w
+        if m.has(x + BLOCKS_SUFFIX) and m.has(x + SCALES_SUFFIX):
+            if w in self.mx_units or not m.has(x):
+                return ("mx", x + BLOCKS_SUFFIX, x + SCALES_SUFFIX)
+        if m.has(x):
+            return ("plain", x)
+        raise RefError(f"{m.dir}: missing tensor {w}")
+
+    def logical_shape(self, m, f):
+        if f[0] == "mx":
+            shp = m.shape(f[1])
+            if len(shp) < 2 or shp[-1] != 16:
+                raise RefError(f"{m.dir}: {f[1]}: MXFP4 blocks must be [..., G, 16], are {list(shp)}")
+            return shp[:-2] + (shp[-2] * MX_BLOCK,)
+        return m.shape(f[1])
+
+    def mx_arrays(self, m, f):
+        for n in f[1:]:
+            if m.dtype(n) != "U8":
+                raise RefError(f"{m.dir}: {n}: MXFP4 tensors must be U8, is {m.dtype(n)}")
+        return m.array(f[1]), m.array(f[2])
+
+    def stored(self, m, w):
+        f = self.form(m, w)
+        if f[0] == "mx":
+            return mxfp4_stored(self.mx_arrays(m, f)[0]).astype(np.float64)
+        return stored_f64(m, f[1])
+
+    def dequant(self, m, w):
+        f = self.form(m, w)
+        if f[0] == "mx":
+            return mxfp4_decode(*self.mx_arrays(m, f))
+        return dequant_f32(m, f[1])
+
     def check_shapes(self, w):
-        shp = self.base.shape(w)
+        shp = self.logical_shape(self.base, self.form(self.base, w))
         for m in self.models[1:]:
-            if not m.has(w):
-                raise RefError(f"{m.dir}: missing tensor {w}")
-            if m.shape(w) != shp:
-                raise RefError(f"{w}: shape {m.shape(w)} in {m.dir}, {shp} in the base")
+            s2 = self.logical_shape(m, self.form(m, w))
+            if s2 != shp:
+                raise RefError(f"{w}: shape {s2} in {m.dir}, {shp} in the base")
 
     def stat(self, w, metric):
         """max over donors of sqrt(sum (a-b)^2)/sqrt(numel), f64; NaN if there is no donor."""
         self.check_shapes(w)
         with np.errstate(all="ignore"):
             if metric == "stored":
-                a = stored_f64(self.base, w)
+                a = self.stored(self.base, w)
             else:
-                a = dequant_f32(self.base, w).astype(np.float64)
+                a = self.dequant(self.base, w).astype(np.float64)
             numel = a.size
             vals = []
             for m in self.models[1:]:
-                b = stored_f64(m, w) if metric == "stored" else dequant_f32(m, w).astype(np.float64)
+                b = self.stored(m, w) if metric == "stored" else self.dequant(m, w).astype(np.float64)
                 d = a - b
                 s = float(np.sum(d * d, dtype=np.float64))
                 vals.append(math.sqrt(s) / math.sqrt(numel) if numel else float("nan"))
@@ -349,12 +502,13 @@ class Synth:
         """-> {tensor name: bytes} for W and its companion (if the base has one)."""
         base = self.base
         comp = self.companion(w)
+        mx = w in self.mx_units
         out = {w: base.raw(w)}
         if comp:
             out[comp] = base.raw(comp)
         dt = base.dtype(w)
         rc = self.recipe
-        if dt not in INTERP_DTYPES or not rc.selected(w):
+        if not (mx or dt in INTERP_DTYPES) or not rc.selected(w):
             return out
         stat = self.stat(w, rc.metric)
         if not (stat > rc.delta):
@@ -364,7 +518,7 @@ class Synth:
         zeros = [i for i, x in enumerate(ws) if x == np.float32(0.0)]
         if len(ones) == 1 and len(zeros) == len(ws) - 1:
             m = self.models[ones[0]]
-            same = m.dtype(w) == dt
+            same = m.has(w) and m.dtype(w) == dt and m.shape(w) == base.shape(w)
             if comp:
                 same = same and m.has(comp) and m.dtype(comp) == base.dtype(comp) \
                     and m.shape(comp) == base.shape(comp)
@@ -376,9 +530,12 @@ class Synth:
         with np.errstate(all="ignore"):
             acc = None
             for x, m in zip(ws, self.models):
-                p = np.multiply(x, dequant_f32(m, w), dtype=np.float32)
+                p = np.multiply(x, self.dequant(m, w), dtype=np.float32)
                 acc = p if acc is None else np.add(acc, p, dtype=np.float32)
-            if dt == "BF16":
+            if mx:
+                self.mx_arrays(base, self.form(base, w))  # base dtypes checked
+                out[w], out[comp] = (a.tobytes() for a in mxfp4_encode(acc))
+            elif dt == "BF16":
                 out[w] = acc.astype(BF16).tobytes()
             elif dt == "F16":
                 out[w] = acc.astype(np.float16).tobytes()
@@ -451,7 +608,7 @@ def cmd_stats(recipe_path):
         row = {}
         for metric in ("stored", "dequantized"):
             try:
-                if sy.base.dtype(w) not in FLOAT_DTYPES:
+                if sy.base.dtype(w) not in FLOAT_DTYPES and w not in sy.mx_units:
                     raise RefError("not a float tensor")
                 row[metric] = _jnum(sy.stat(w, metric))
             except (RefError, KeyError):

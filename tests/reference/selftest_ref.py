@@ -7,6 +7,7 @@ aoe_ref's internals.
 
 import hashlib
 import json
+import math
 import os
 import struct
 import subprocess
@@ -23,7 +24,7 @@ PY = sys.executable
 BF16 = ml_dtypes.bfloat16
 E4M3 = ml_dtypes.float8_e4m3fn
 DT = {"BF16": BF16, "F8_E4M3": E4M3, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-      "BOOL": np.bool_}
+      "BOOL": np.bool_, "U8": np.uint8}
 
 
 def write_st(path, tensors, metadata=None):
@@ -374,7 +375,293 @@ def main():
             check(j1[n] == {"dtype": dt, "shape": list(shape), "sha256": hashlib.sha256(raw).hexdigest()},
                   f"dump {n}")
 
+    mxfp4_checks(tmp, rng)
+    group_checks()
+
     print(f"OK: {CHECKS} checks passed ({tmp})")
+
+
+# ---------------------------------------------------------------------------------------------
+# MXFP4.  Expected values are written out by hand; the scalar codec below is a second,
+# per-element formulation (Python floats and struct, no lookup tables shared with aoe_ref).
+
+
+def f32_bits(v):
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def bits_f32(b):
+    return struct.unpack("<f", struct.pack("<I", b))[0]
+
+
+def scalar_e2m1(c):
+    mag = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)[c & 7]
+    return -mag if c & 8 else mag
+
+
+def scalar_decode(blocks, scales):
+    """blocks: bytes of 16 per block, scales: list of ints -> list of f32 bit patterns."""
+    out = []
+    for g, s in enumerate(scales):
+        for j in range(32):
+            byte = blocks[g * 16 + j // 2]
+            c = (byte >> 4) if j % 2 else (byte & 15)
+            if s == 255:
+                out.append(0x7FC00000)
+                continue
+            v = scalar_e2m1(c) * 2.0 ** (s - 127)  # exact in double; then rounded once to f32
+            out.append(f32_bits(np.float32(v)))
+    return out
+
+
+def scalar_encode_block(xs):
+    """32 f32 values (Python floats holding f32 values) -> (16 bytes, scale byte)."""
+    if any(x != x for x in xs) or max(abs(x) for x in xs) == float("inf"):
+        return bytes(16), 255
+    amax = max(abs(x) for x in xs)
+    if amax == 0:
+        e = -127
+    else:
+        m, ex = math.frexp(amax)  # amax = m * 2^ex, 0.5 <= m < 1 -> floor(log2) = ex - 1
+        e = max(ex - 1 - 2, -127)
+    codes = []
+    for x in xs:
+        q = abs(x) / 2.0 ** e  # exact (power of two); f32 division only differs below 0.25
+        # nearest grid value, ties to the even code
+        grid = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+        best = 0
+        for k in range(8):
+            d, db = abs(q - grid[k]), abs(q - grid[best])
+            if d < db or (d == db and k % 2 == 0):
+                best = k
+        if q > 6:
+            best = 7
+        neg = math.copysign(1.0, x) < 0
+        codes.append((8 if neg else 0) | best)
+    return bytes(codes[2 * i] | (codes[2 * i + 1] << 4) for i in range(16)), e + 127
+
+
+def mxfp4_checks(tmp, rng):
+    sys.path.insert(0, HERE)
+    import aoe_ref as R
+
+    def dec(blk16, s):
+        b = np.frombuffer(bytes(blk16), np.uint8).reshape(1, 16)
+        return R.mxfp4_decode(b, np.array([s], np.uint8)).view(np.uint32).tolist()
+
+    def enc(vals):
+        x = np.zeros(32, np.float32)
+        x[: len(vals)] = np.array(vals, np.float32)
+        b, s = R.mxfp4_encode(x)
+        return bytes(b.reshape(-1)), int(s.reshape(-1)[0])
+
+    # ---- decode: nibble order, E2M1 table, E8M0 scale -----------------------------------------
+    blk = [0x21, 0x8F, 0x73, 0x54, 0x06] + [0] * 11
+    v = dec(blk, 127)  # scale 1
+    want = [0.5, 1.0, -6.0, -0.0, 1.5, 6.0, 2.0, 3.0, 4.0, 0.0]
+    check(v[:10] == [f32_bits(w) for w in want], f"decode nibbles {[bits_f32(x) for x in v[:10]]}")
+    check(v[3] == 0x80000000, "code 8 is -0.0")
+    v = dec(blk, 128)  # scale 2
+    check([bits_f32(x) for x in v[:3]] == [1.0, 2.0, -12.0], "scale 2")
+    v = dec(blk, 0)  # scale 2^-127 (subnormal): 0.5 * 2^-127 = 2^-128 = bits 0x00200000
+    check(v[0] == 0x00200000 and v[1] == 0x00400000, f"subnormal scale {[hex(x) for x in v[:3]]}")
+    check(v[2] == 0x81400000, f"-6 * 2^-127 = -1.5 * 2^-125 {hex(v[2])}")
+    v = dec([0x37] + [0] * 15, 254)  # 6 * 2^127 overflows; 1.5 * 2^127 does not
+    check(v[0] == 0x7F800000, f"6 * 2^127 = +inf {hex(v[0])}")
+    check(v[1] == f32_bits(1.5 * 2.0 ** 127) == 0x7F400000, "1.5 * 2^127")
+    v = dec([0xF8] + [0x11] * 15, 255)
+    check(v == [0x7FC00000] * 32, "scale 255: every value +qNaN 0x7fc00000")
+    v = dec(list(range(0, 256, 17)), 127)  # byte k*17 = codes (k, k): 0,0,0.5,0.5,...
+    check([bits_f32(x) for x in v[::2]] == [scalar_e2m1(k) for k in range(16)], "all 16 codes")
+    # multi-dim layout: [E, R, G, 16] -> [E, R, G*32]
+    b = rng.integers(0, 256, (2, 3, 2, 16), dtype=np.uint8)
+    s = rng.integers(100, 150, (2, 3, 2), dtype=np.uint8)
+    d = R.mxfp4_decode(b, s)
+    check(d.shape == (2, 3, 64), f"decoded shape {d.shape}")
+    check(d.view(np.uint32).reshape(-1).tolist() == scalar_decode(b.tobytes(), s.reshape(-1).tolist()),
+          "decode = scalar decode, row-major blocks")
+
+    # ---- encode: every tie, saturation, signs ---------------------------------------------------
+    # amax 6 -> floor(log2 6) = 2 -> e = 0 -> scale byte 127, q = x
+    b, s = enc([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.0, 0.0, 0.26, 5.01, 0.7,
+                2.6, -3.5, 4.5, 1.5, -6.0, 0.5])
+    check(s == 127, f"amax 6 scale {s}")
+    codes = [b[i // 2] >> 4 if i % 2 else b[i // 2] & 15 for i in range(32)]
+    check(codes[:20] == [7, 0, 2, 2, 4, 4, 6, 6, 8, 8, 0, 1, 7, 1, 5, 14, 6, 3, 15, 1],
+          f"ties / signs {codes[:20]}")
+    check(codes[20:] == [0] * 12, "zeros")
+    check(b[0] == 0x07 and b[1] == 0x22, f"packing: even j low nibble {b[:2].hex()}")
+    # saturation: amax 7.9 -> e = 0, 7.9 -> 6 (code 7); -7 -> code 15
+    b, s = enc([7.9, -7.0, 5.5])
+    check(s == 127 and b[0] == 0xF7 and b[1] == 0x07, f"saturation {s} {b[:2].hex()}")
+    # amax 1 -> e = -2 -> byte 125; q = 4x: 1 -> 4 (6), 0.125 -> 0.5 (1), 0.0625 -> 0.25 tie (0)
+    b, s = enc([1.0, 0.125, 0.0625, -0.1875])  # -0.1875 -> q -0.75 tie -> 1 (code 2|8)
+    check(s == 125 and b[0] == 0x16 and b[1] == 0xA0, f"amax 1 {s} {b[:2].hex()}")
+    # amax just below 4: floor(log2) = 1 exactly from the bits (a float log2 says 2) -> byte 126
+    below4 = float(np.nextafter(np.float32(4.0), np.float32(0)))
+    b, s = enc([below4, 1.0])
+    check(s == 126 and b[0] == 0x47, f"amax nextbelow(4) {s} {b[:1].hex()}")
+    # amax 0: scale byte 0, codes by the element rule (-0.0 -> 8)
+    b, s = enc([0.0, -0.0, 0.0, -0.0])
+    check(s == 0 and b[0] == 0x80 and b[1] == 0x80 and b[2:] == bytes(14), f"amax 0 {s} {b.hex()}")
+    # NaN anywhere / +-inf anywhere -> scale 255, all codes 0
+    for bad in ([1.0, float("nan")], [float("inf"), 1.0], [2.0, -float("inf")], [float("nan")] * 32):
+        b, s = enc(bad)
+        check(s == 255 and b == bytes(16), f"NaN/inf block {bad[:2]}: {s} {b.hex()}")
+    # subnormal amax 2^-127 (bits 0x00400000): e = -129 clamped to -127 -> byte 0, q = x * 2^127
+    sub = [bits_f32(0x00400000), bits_f32(0x00200000), bits_f32(0x00300000), -bits_f32(0x00600000),
+           bits_f32(1)]
+    b, s = enc(sub)  # q: 1 (2), 0.5 (1), 0.75 tie -> 1 (2), -1.5 (8|3), 2^-22 -> 0
+    check(s == 0 and b[0] == 0x12 and b[1] == 0xB2 and b[2] == 0x00, f"subnormal amax {s} {b[:3].hex()}")
+    # normal amax 2^-126: e = -128 clamped to -127 -> q = 2 (code 4), not 4 (code 6)
+    b, s = enc([2.0 ** -126, -(2.0 ** -127)])
+    check(s == 0 and b[0] == 0xA4, f"clamp e >= -127 {s} {b[:1].hex()}")
+    # amax 2^-125: e = -127 exactly (no clamp) -> q = 4 -> code 6
+    b, s = enc([2.0 ** -125])
+    check(s == 0 and b[0] == 0x06, f"amax 2^-125 {s} {b[:1].hex()}")
+    # huge amax 1.5 * 2^127 -> e = 125 -> byte 252, q = 6 -> code 7
+    b, s = enc([1.5 * 2.0 ** 127, 2.0 ** 125])
+    check(s == 252 and b[0] == 0x27, f"huge amax {s} {b[:1].hex()}")
+
+    # ---- encode = scalar encode on random data (incl. varied magnitudes, zeros, -0) -------------
+    x = (rng.normal(0, 1, (6, 8, 32)) * np.exp2(rng.integers(-20, 20, (6, 8, 1)))).astype(np.float32)
+    x[0, 0] = 0.0
+    x[0, 1] = -0.0
+    x[1, 1, 3] = np.nan
+    x[2, 2, 7] = np.inf
+    b, s = R.mxfp4_encode(x.reshape(6, 256))
+    check(b.shape == (6, 8, 16) and s.shape == (6, 8) and b.dtype == np.uint8, f"enc shapes {b.shape}")
+    ok = True
+    for i in range(6):
+        for g in range(8):
+            bb, ss = scalar_encode_block([float(v) for v in x[i, g]])
+            ok = ok and bytes(b[i, g]) == bb and int(s[i, g]) == ss
+    check(ok, "encode = scalar encode")
+
+    # ---- round trip: blocks whose max magnitude index is 6 or 7 re-encode to themselves ---------
+    codes = rng.integers(0, 16, (4, 5, 32), dtype=np.uint8)
+    codes[..., 0] = (codes[..., 0] & 8) | rng.integers(6, 8, (4, 5), dtype=np.uint8)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    scales = rng.integers(1, 252, (4, 5), dtype=np.uint8)
+    scales[0, 0] = 0  # subnormal scale: its values are subnormal or 2^-126.. and still exact
+    b2, s2 = R.mxfp4_encode(R.mxfp4_decode(blocks, scales))
+    check(np.array_equal(b2, blocks) and np.array_equal(s2, scales), "decode -> encode round trip")
+
+    # ---- a checkpoint: Chimera copy, lambda mix, BF16 parent, unpaired U8 ------------------------
+    X1, X2, X3 = (os.path.join(tmp, m) for m in ("X1", "X2", "X3"))
+    GU = "model.layers.0.mlp.experts.gate_up_proj"
+    RW = "model.layers.0.mlp.router.weight"
+    SK = "model.layers.0.self_attn.sinks"
+    UB = "model.layers.0.odd_blocks"  # U8 without _scales: not a unit, never interpolated
+    mx = {}
+    for m in ("X1", "X2"):
+        c = rng.integers(0, 256, (2, 4, 2, 16), dtype=np.uint8)
+        sc = rng.integers(120, 130, (2, 4, 2), dtype=np.uint8)
+        mx[m] = (c, sc)
+        write_ckpt(os.path.join(tmp, m), {
+            "model-00001-of-00002.safetensors": [(GU + "_blocks", "U8", c), (RW, "BF16", rng.normal(0, 1, (2, 8)))],
+            "model-00002-of-00002.safetensors": [(SK, "BF16", rng.normal(0, 1, (4,))),
+                                                 (GU + "_scales", "U8", sc),
+                                                 (UB, "U8", rng.integers(0, 256, (3,), dtype=np.uint8))],
+        }, extra_files={"config.json": "{}\n"})
+    bfv = rng.normal(0, 3, (2, 4, 64)).astype(np.float32)
+    write_ckpt(X3, {"model.safetensors": [(GU, "BF16", bfv), (RW, "BF16", rng.normal(0, 1, (2, 8))),
+                                          (SK, "BF16", rng.normal(0, 1, (4,))),
+                                          (UB, "U8", rng.integers(0, 256, (3,), dtype=np.uint8))]})
+    t1, t2, t3 = read_tensors(X1), read_tensors(X2), read_tensors(X3)
+
+    def dec_np(m):
+        c, sc = mx[m]
+        return np.array(scalar_decode(c.tobytes(), sc.reshape(-1).tolist()), np.uint32).view(np.float32)
+
+    def enc_np(acc):
+        acc = acc.reshape(-1, 32)
+        bs, ss = b"", []
+        for row in acc:
+            bb, s_ = scalar_encode_block([float(v) for v in row])
+            bs += bb
+            ss.append(s_)
+        return bs, bytes(ss)
+
+    c, _, _ = synth(tmp, "mx_chimera", recipe(X1, [X2], [0.0, 1.0], subset=["experts"]))
+    same_bytes(c[GU + "_blocks"], t2[GU + "_blocks"], "MXFP4 chimera: donor blocks")
+    same_bytes(c[GU + "_scales"], t2[GU + "_scales"], "MXFP4 chimera: donor scales")
+    for n in (RW, SK, UB):
+        same_bytes(c[n], t1[n], f"MXFP4 chimera: {n} base")
+    c, _, _ = synth(tmp, "mx_full_onehot", recipe(X1, [X2], [0.0, 1.0]))
+    same_bytes(c[UB], t1[UB], "unpaired U8 stays the base's bytes")
+    same_bytes(c[RW], t2[RW], "router selected by full")
+    lam = [np.float32(0.7), np.float32(0.3)]
+    c, _, _ = synth(tmp, "mx_mix", recipe(X1, [X2], [0.7, 0.3], subset=["experts"]))
+    acc = lam[0] * dec_np("X1")
+    acc = acc + lam[1] * dec_np("X2")
+    wb, wsc = enc_np(acc)
+    check(c[GU + "_blocks"][2] == wb and c[GU + "_scales"][2] == wsc, "MXFP4 lambda mix")
+    check(c[GU + "_blocks"][1] == (2, 4, 2, 16), "blocks shape kept")
+    # three parents, the third stores the unit as BF16 [2, 4, 64]
+    w3 = [np.float32(v) for v in (0.2, 0.3, 0.5)]
+    c, _, _ = synth(tmp, "mx_three", recipe(X1, [X2, X3], [0.2, 0.3, 0.5], subset=["experts"]))
+    acc = w3[0] * dec_np("X1")
+    acc = acc + w3[1] * dec_np("X2")
+    acc = acc + w3[2] * bfv.astype(BF16).astype(np.float32).reshape(-1)
+    wb, wsc = enc_np(acc)
+    check(c[GU + "_blocks"][2] == wb and c[GU + "_scales"][2] == wsc, "MXFP4 base, BF16 parent")
+    # one-hot on a parent with another form -> computed (encode of its BF16 values)
+    c, _, _ = synth(tmp, "mx_onehot_bf16", recipe(X1, [X3], [0.0, 1.0], subset=["experts"]))
+    acc = np.float32(0) * dec_np("X1")
+    acc = acc + np.float32(1) * bfv.astype(BF16).astype(np.float32).reshape(-1)
+    wb, wsc = enc_np(acc)
+    check(c[GU + "_blocks"][2] == wb and c[GU + "_scales"][2] == wsc, "one-hot BF16 donor re-encoded")
+    # BF16 base, MXFP4 parent -> BF16
+    c, _, _ = synth(tmp, "bf16_from_mx", recipe(X3, [X1], [0.5, 0.5], subset=["experts"]))
+    acc = np.float32(0.5) * bfv.astype(BF16).astype(np.float32).reshape(-1)
+    acc = acc + np.float32(0.5) * dec_np("X1")
+    check(c[GU][2] == acc.astype(BF16).tobytes(), "BF16 base from MXFP4 parent")
+    # stats: stored = E2M1 values without scales; dequantized = decoded values
+    st = json.loads(run("stats", os.path.join(tmp, "mx_mix.json")))
+    e1 = np.array([scalar_e2m1(int(k)) for k in np.stack([mx["X1"][0] & 15, mx["X1"][0] >> 4], -1).reshape(-1)])
+    e2 = np.array([scalar_e2m1(int(k)) for k in np.stack([mx["X2"][0] & 15, mx["X2"][0] >> 4], -1).reshape(-1)])
+    want = math.sqrt(float(np.sum((e1 - e2) ** 2))) / math.sqrt(e1.size)
+    check(abs(st[GU + "_blocks"]["stored"] - want) <= 1e-12 * want, "MXFP4 stored stat")
+    d1, d2 = dec_np("X1").astype(np.float64), dec_np("X2").astype(np.float64)
+    want = math.sqrt(float(np.sum((d1 - d2) ** 2))) / math.sqrt(d1.size)
+    check(abs(st[GU + "_blocks"]["dequantized"] - want) <= 1e-12 * want, "MXFP4 dequantized stat")
+    check(GU + "_scales" not in st and st[UB]["stored"] is None, "scales follow; U8 has no stat")
+
+
+def group_checks():
+    sys.path.insert(0, HERE)
+    import aoe_ref as R
+    table = {
+        "model.layers.1.block_sparse_moe.experts.7.w1.weight": "experts",
+        "model.layers.0.mlp.experts.gate_up_proj": "experts",
+        "model.layers.0.mlp.experts.gate_up_proj_bias": "experts",
+        "model.layers.0.mlp.experts.down_proj_blocks": "experts",
+        "model.layers.3.mlp.experts.12.down_proj.weight": "experts",
+        "model.layers.3.mlp.shared_experts.up_proj.weight": "shared-experts",
+        "model.layers.0.mlp.shared_expert.gate_proj.weight": "shared-experts",
+        "model.layers.0.mlp.shared_expert_gate.weight": "shared-experts",
+        "model.layers.0.mlp.gate.weight": "router",
+        "model.layers.0.block_sparse_moe.gate.weight": "router",
+        "model.layers.0.mlp.router.weight": "router",
+        "model.layers.0.mlp.router.bias": "router",
+        "model.layers.3.mlp.gate.e_score_correction_bias": "router",
+        "model.layers.0.self_attn.q_norm.weight": "norms",
+        "model.layers.0.self_attn.q_a_layernorm.weight": "norms",
+        "model.layers.0.input_layernorm.weight": "norms",
+        "model.norm.bias": "norms",
+        "model.layers.0.self_attn.sinks": "attention",
+        "model.layers.0.self_attn.q_proj.bias": "attention",
+        "model.layers.0.mlp.gate_proj.weight": "dense-mlp",
+        "model.layers.0.mlp.gate_up_proj.weight": "dense-mlp",
+        "model.embed_tokens.weight": "embeddings",
+        "lm_head.weight": "embeddings",
+        "model.layers.61.shared_head.head.weight": "embeddings",
+        "model.layers.61.eh_proj.weight": "other",
+        "model.layers.0.mlp.gate.bias_extra": "other",
+    }
+    for n, g in table.items():
+        check(R.group_of(n) == g, f"group_of({n}) = {R.group_of(n)}, want {g}")
 
 
 if __name__ == "__main__":
