@@ -46,6 +46,9 @@ pub struct RecipeArgs {
     /// Permit weights outside [0, 1] or not summing to 1 (task arithmetic).
     #[arg(long)]
     pub allow_extrapolation: bool,
+    /// Accept a subset, rule or δ that selects nothing (the child is then the base's copy).
+    #[arg(long)]
+    pub allow_empty: bool,
     /// A recipe JSON file (an aoe_recipe.json works); flags override its fields.
     #[arg(long, value_name = "FILE")]
     pub recipe: Option<PathBuf>,
@@ -69,6 +72,7 @@ impl RecipeArgs {
             rules: (!self.rules.is_empty()).then(|| self.rules.clone()),
             metric: self.metric.clone(),
             allow_extrapolation: self.allow_extrapolation.then_some(true),
+            allow_empty: self.allow_empty.then_some(true),
         };
         Ok(file.merge(flags))
     }

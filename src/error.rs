@@ -79,6 +79,16 @@ pub enum Error {
     Threads { reason: String },
     /// A mount daemon that failed before serving (its own error, as it reported it).
     Daemon { mountpoint: PathBuf, reason: String },
+    /// A subset (or its mixable part) that selects no tensor, or a δ that keeps every
+    /// selected tensor the base's: the child would silently be the base.
+    EmptySelection {
+        /// What was asked, e.g. `subset experts` or `delta 9 over subset full`.
+        asked: String,
+        /// The base's groups with their tensor counts.
+        groups: Vec<(String, usize)>,
+    },
+    /// A per-tensor rule whose pattern matches no selected weight.
+    UnusedRule { pattern: String },
     /// A broken internal invariant: a bug in aoe, never the user's input.
     Internal { what: String },
     /// An error met by another thread computing the same chunk, shared with every waiter.
@@ -214,6 +224,19 @@ impl fmt::Display for Error {
             Interrupted => write!(f, "interrupted; temporary files removed"),
             Threads { reason } => write!(f, "cannot start threads: {reason}"),
             Daemon { mountpoint, reason } => write!(f, "{}: {}", mountpoint.display(), reason),
+            EmptySelection { asked, groups } => {
+                let g: Vec<String> = groups.iter().map(|(n, c)| format!("{n} {c}")).collect();
+                write!(
+                    f,
+                    "{asked} selects nothing to mix: the child would be the base's copy (tensors \
+                     per group in the base: {}); pass --allow-empty to accept that",
+                    g.join(", ")
+                )
+            }
+            UnusedRule { pattern } => write!(
+                f,
+                "rule {pattern:?} matches no selected weight; fix its pattern or the subset"
+            ),
             Internal { what } => write!(f, "internal error (a bug in aoe): {what}"),
         }
     }

@@ -234,6 +234,11 @@ pub fn write_child(child: &Child, out: &Path, opts: &WriteOptions) -> Result<Wri
         cancel: opts.cancel,
     };
     pool.install(|| jobs.into_par_iter().try_for_each(|job| ctx.run(job)))?;
+    // A δ that kept every wanted unit the base's: refuse before anything appears at `out`
+    // (the temporary files go with `guard`).
+    if !child.recipe.allow_empty && child.plan.nothing_above_delta() {
+        return Err(child.plan.empty_by_delta(&child.recipe));
+    }
 
     for (i, f) in child.files.iter().enumerate() {
         let to = out.join(&f.name);

@@ -515,3 +515,84 @@ fn a_full_disk_names_the_output_not_a_parent() {
         "temporary files left behind"
     );
 }
+
+#[test]
+fn a_selection_of_nothing_is_refused_unless_allowed() {
+    let f = fam();
+    let (b, p) = (s(&f.m[0]), s(&f.m[1]));
+    let out = f.root.join("out");
+    let o = s(&out);
+    let none = "re:^no such tensor$";
+    for cmd in ["write", "plan"] {
+        let args = vec![cmd, "--base", b, "--parent", p, "--lambda", "0.5"];
+        let tail: &[&str] = if cmd == "write" { &[o] } else { &[] };
+        let with = |extra: &[&'static str]| {
+            let mut a = args.clone();
+            a.extend_from_slice(extra);
+            a.extend_from_slice(tail);
+            a
+        };
+        // A subset that names no tensor, with the groups that exist and their counts.
+        fails(
+            &with(&["--subset", none]),
+            &[
+                "subset re:^no such tensor$ selects nothing to mix",
+                "experts ",
+                "attention ",
+                "--allow-empty",
+            ],
+        );
+        // A rule that meets no selected weight.
+        fails(
+            &with(&["--subset", "experts", "--rule", r"self_attn=0.2,0.8"]),
+            &["rule \"self_attn\" matches no selected weight"],
+        );
+        // A δ above every difference: decided on the statistics, refused before any output.
+        fails(
+            &with(&["--delta", "1e30"]),
+            &["delta 1000000000000000000000000000000 over subset full selects nothing"],
+        );
+        assert!(
+            !out.exists(),
+            "{cmd}: a refused write leaves nothing behind"
+        );
+    }
+    // --allow-empty gives the base back, byte for byte, and says so in the recipe.
+    aoe_ok(&[
+        "write",
+        "--base",
+        b,
+        "--parent",
+        p,
+        "--lambda",
+        "0.5",
+        "--delta",
+        "1e30",
+        "--allow-empty",
+        o,
+    ]);
+    for e in std::fs::read_dir(&f.m[0]).unwrap() {
+        let name = e.unwrap().file_name();
+        if name.to_string_lossy().ends_with(".safetensors") {
+            assert_eq!(
+                std::fs::read(out.join(&name)).unwrap(),
+                std::fs::read(f.m[0].join(&name)).unwrap(),
+                "{name:?}"
+            );
+        }
+    }
+    let recipe = std::fs::read_to_string(out.join("aoe_recipe.json")).unwrap();
+    assert!(recipe.contains("\"allow_empty\": true"), "{recipe}");
+    // λ = 0 is the base on purpose, not an empty selection.
+    let zero = f.root.join("zero");
+    aoe_ok(&[
+        "write",
+        "--base",
+        b,
+        "--parent",
+        p,
+        "--lambda",
+        "0",
+        s(&zero),
+    ]);
+}

@@ -21,18 +21,35 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// name; a companion follows its weight). Anything else is "other".
 const GROUPS: &[(&str, &str)] = &[
     ("experts", r"\.(mlp|block_sparse_moe)\.experts\."),
-    ("shared-experts", r"\.mlp\.shared_experts?\.|\.mlp\.shared_expert_gate\."),
-    ("router", r"\.(mlp|block_sparse_moe)\.(gate|router)\.(weight|bias|e_score_correction_bias)$"),
+    (
+        "shared-experts",
+        r"\.mlp\.shared_experts?\.|\.mlp\.shared_expert_gate\.",
+    ),
+    (
+        "router",
+        r"\.(mlp|block_sparse_moe)\.(gate|router)\.(weight|bias|e_score_correction_bias)$",
+    ),
     ("norms", r"norm\.(weight|bias)$"),
     ("attention", r"\.self_attn\."),
     ("dense-mlp", r"\.mlp\.(gate|up|down|gate_up)_proj\."),
-    ("embeddings", r"(embed_tokens|lm_head|shared_head\.head)\.weight$"),
+    (
+        "embeddings",
+        r"(embed_tokens|lm_head|shared_head\.head)\.weight$",
+    ),
 ];
 
 fn group_of(weight: &str) -> &'static str {
     static RX: OnceLock<Vec<(&'static str, Regex)>> = OnceLock::new();
-    let rx = RX.get_or_init(|| GROUPS.iter().map(|(g, p)| (*g, Regex::new(p).unwrap())).collect());
-    rx.iter().find(|(_, r)| r.is_match(weight)).map(|(g, _)| *g).unwrap_or("other")
+    let rx = RX.get_or_init(|| {
+        GROUPS
+            .iter()
+            .map(|(g, p)| (*g, Regex::new(p).unwrap()))
+            .collect()
+    });
+    rx.iter()
+        .find(|(_, r)| r.is_match(weight))
+        .map(|(g, _)| *g)
+        .unwrap_or("other")
 }
 
 fn python() -> PathBuf {
@@ -47,7 +64,9 @@ fn python() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -81,7 +100,10 @@ fn families() -> &'static Path {
         }
         let work = tmp.join(format!("families-{h:016x}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
-        run(Command::new(python()).arg(&gen).arg(&work).arg("--no-load-check"));
+        run(Command::new(python())
+            .arg(&gen)
+            .arg(&work)
+            .arg("--no-load-check"));
         std::fs::write(work.join("done"), b"").unwrap();
         if std::fs::rename(&work, &dir).is_err() {
             let _ = std::fs::remove_dir_all(&work); // another process got there first
@@ -114,17 +136,33 @@ fn tensors(dir: &Path) -> BTreeMap<String, Tensor> {
                 continue;
             }
             let off = info["data_offsets"].as_array().unwrap();
-            let (a, b) = (off[0].as_u64().unwrap() as usize, off[1].as_u64().unwrap() as usize);
-            let t = Tensor { dtype: info["dtype"].as_str().unwrap().to_string(), bytes: data[8 + n + a..8 + n + b].to_vec() };
-            assert!(out.insert(name.clone(), t).is_none(), "{name} in two shards of {dir:?}");
+            let (a, b) = (
+                off[0].as_u64().unwrap() as usize,
+                off[1].as_u64().unwrap() as usize,
+            );
+            let t = Tensor {
+                dtype: info["dtype"].as_str().unwrap().to_string(),
+                bytes: data[8 + n + a..8 + n + b].to_vec(),
+            };
+            assert!(
+                out.insert(name.clone(), t).is_none(),
+                "{name} in two shards of {dir:?}"
+            );
         }
     }
     out
 }
 
 fn shard_files(dir: &Path) -> Vec<String> {
-    let idx: Value = serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
-    let mut v: Vec<String> = idx["weight_map"].as_object().unwrap().values().map(|x| x.as_str().unwrap().to_string()).collect();
+    let idx: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let mut v: Vec<String> = idx["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
     v.sort();
     v.dedup();
     v
@@ -146,11 +184,14 @@ fn weight_of<'a>(name: &'a str, all: &BTreeMap<String, Tensor>) -> String {
 }
 
 fn is_mxfp4_unit(weight: &str, all: &BTreeMap<String, Tensor>) -> bool {
-    weight.strip_suffix("_blocks").is_some_and(|x| all.contains_key(&format!("{x}_scales")))
+    weight
+        .strip_suffix("_blocks")
+        .is_some_and(|x| all.contains_key(&format!("{x}_scales")))
 }
 
 fn interpolable(weight: &str, all: &BTreeMap<String, Tensor>) -> bool {
-    is_mxfp4_unit(weight, all) || ["BF16", "F16", "F32", "F8_E4M3"].contains(&all[weight].dtype.as_str())
+    is_mxfp4_unit(weight, all)
+        || ["BF16", "F16", "F32", "F8_E4M3"].contains(&all[weight].dtype.as_str())
 }
 
 fn aoe(args: &[&str]) -> std::process::Output {
@@ -161,7 +202,15 @@ fn aoe(args: &[&str]) -> std::process::Output {
 fn write_child(tmp: &Path, name: &str, base: &Path, parent: &Path, flags: &[&str]) -> PathBuf {
     let out = tmp.join(name);
     let cache = tmp.join("stats");
-    let mut args = vec!["write", "--base", s(base), "--parent", s(parent), "--cache-dir", s(&cache)];
+    let mut args = vec![
+        "write",
+        "--base",
+        s(base),
+        "--parent",
+        s(parent),
+        "--cache-dir",
+        s(&cache),
+    ];
     args.extend_from_slice(flags);
     args.push(s(&out));
     aoe(&args);
@@ -174,7 +223,10 @@ fn fam(name: &str) -> (PathBuf, PathBuf) {
 }
 
 fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("aoe-families-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+    tempfile::Builder::new()
+        .prefix("aoe-families-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
 }
 
 // ---- the checks ------------------------------------------------------------------------------
@@ -184,32 +236,71 @@ fn tmpdir() -> tempfile::TempDir {
 fn check_one_hot_group(family: &str, group: &str) {
     let (base, parent) = fam(family);
     let tmp = tmpdir();
-    let child = write_child(tmp.path(), "child", &base, &parent, &["--subset", group, "--weights", "0,1"]);
+    let child = write_child(
+        tmp.path(),
+        "child",
+        &base,
+        &parent,
+        &["--subset", group, "--weights", "0,1"],
+    );
     let (b, p, c) = (tensors(&base), tensors(&parent), tensors(&child));
-    assert_eq!(b.keys().collect::<Vec<_>>(), c.keys().collect::<Vec<_>>(), "{family}: tensor names");
+    assert_eq!(
+        b.keys().collect::<Vec<_>>(),
+        c.keys().collect::<Vec<_>>(),
+        "{family}: tensor names"
+    );
     let mut wrong = Vec::new();
     let mut taken = 0;
     for (n, t) in &b {
         let w = weight_of(n, &b);
-        let want = if group_of(&w) == group && interpolable(&w, &b) { &p[n] } else { t };
+        let want = if group_of(&w) == group && interpolable(&w, &b) {
+            &p[n]
+        } else {
+            t
+        };
         if group_of(&w) == group && want.bytes != t.bytes {
             taken += 1;
         }
         if c[n].bytes != want.bytes {
-            wrong.push(format!("{n} [{}] should be the {}'s bytes", group_of(&w), if std::ptr::eq(want, t) { "base" } else { "parent" }));
+            wrong.push(format!(
+                "{n} [{}] should be the {}'s bytes",
+                group_of(&w),
+                if std::ptr::eq(want, t) {
+                    "base"
+                } else {
+                    "parent"
+                }
+            ));
         }
     }
-    assert!(wrong.is_empty(), "{family} --subset {group} --weights 0,1:\n  {}", wrong.join("\n  "));
-    assert!(taken > 0, "{family}: no {group} tensor differs between the siblings: the test proves nothing");
+    assert!(
+        wrong.is_empty(),
+        "{family} --subset {group} --weights 0,1:\n  {}",
+        wrong.join("\n  ")
+    );
+    assert!(
+        taken > 0,
+        "{family}: no {group} tensor differs between the siblings: the test proves nothing"
+    );
     for f in shard_files(&base) {
-        let (x, y) = (std::fs::read(base.join(&f)).unwrap(), std::fs::read(child.join(&f)).unwrap());
+        let (x, y) = (
+            std::fs::read(base.join(&f)).unwrap(),
+            std::fs::read(child.join(&f)).unwrap(),
+        );
         let n = 8 + u64::from_le_bytes(x[..8].try_into().unwrap()) as usize;
-        assert!(x.len() == y.len() && x[..n] == y[..n], "{family}: {f}: header or size differs from the base's");
+        assert!(
+            x.len() == y.len() && x[..n] == y[..n],
+            "{family}: {f}: header or size differs from the base's"
+        );
     }
     for e in std::fs::read_dir(&base).unwrap() {
         let f = e.unwrap().file_name().into_string().unwrap();
         if !f.ends_with(".safetensors") {
-            assert_eq!(std::fs::read(base.join(&f)).unwrap(), std::fs::read(child.join(&f)).unwrap(), "{family}: {f} passed through");
+            assert_eq!(
+                std::fs::read(base.join(&f)).unwrap(),
+                std::fs::read(child.join(&f)).unwrap(),
+                "{family}: {f} passed through"
+            );
         }
     }
 }
@@ -226,7 +317,11 @@ fn check_lambda_matches_reference(family: &str) {
     let rp = tmp.path().join("recipe.json");
     std::fs::write(&rp, serde_json::to_vec_pretty(&recipe).unwrap()).unwrap();
     let refd = tmp.path().join("ref");
-    run(Command::new(python()).arg(Path::new(ROOT).join("tests/reference/aoe_ref.py")).arg("write").arg(&rp).arg(&refd));
+    run(Command::new(python())
+        .arg(Path::new(ROOT).join("tests/reference/aoe_ref.py"))
+        .arg("write")
+        .arg(&rp)
+        .arg(&refd));
     let (b, c, r) = (tensors(&base), tensors(&child), tensors(&refd));
     let wrong: Vec<String> = r
         .iter()
@@ -234,12 +329,30 @@ fn check_lambda_matches_reference(family: &str) {
         .map(|(n, t)| {
             let w = weight_of(n, &b);
             let base_too = b[n].bytes == c[n].bytes;
-            format!("{n} [{}] {}{}", group_of(&w), t.dtype, if base_too { " (aoe kept the base's bytes)" } else { "" })
+            format!(
+                "{n} [{}] {}{}",
+                group_of(&w),
+                t.dtype,
+                if base_too {
+                    " (aoe kept the base's bytes)"
+                } else {
+                    ""
+                }
+            )
         })
         .collect();
-    assert!(wrong.is_empty(), "{family} --lambda 0.3: {} of {} tensors differ from the reference:\n  {}", wrong.len(), r.len(), wrong.join("\n  "));
+    assert!(
+        wrong.is_empty(),
+        "{family} --lambda 0.3: {} of {} tensors differ from the reference:\n  {}",
+        wrong.len(),
+        r.len(),
+        wrong.join("\n  ")
+    );
     for f in shard_files(&base) {
-        assert!(std::fs::read(child.join(&f)).unwrap() == std::fs::read(refd.join(&f)).unwrap(), "{family}: {f} differs from the reference's file");
+        assert!(
+            std::fs::read(child.join(&f)).unwrap() == std::fs::read(refd.join(&f)).unwrap(),
+            "{family}: {f} differs from the reference's file"
+        );
     }
 }
 
@@ -248,16 +361,40 @@ fn check_lambda_matches_reference(family: &str) {
 fn check_children_load(family: &str) {
     let (base, parent) = fam(family);
     let tmp = tmpdir();
-    let chimera = write_child(tmp.path(), "chimera", &base, &parent, &["--subset", "experts", "--weights", "0,1"]);
+    let chimera = write_child(
+        tmp.path(),
+        "chimera",
+        &base,
+        &parent,
+        &["--subset", "experts", "--weights", "0,1"],
+    );
     let mix = write_child(tmp.path(), "mix", &base, &parent, &["--lambda", "0.3"]);
-    let out = run(Command::new(python()).arg(Path::new(ROOT).join("tests/families/load_check.py")).arg(&chimera).arg(&mix));
+    let out = run(Command::new(python())
+        .arg(Path::new(ROOT).join("tests/families/load_check.py"))
+        .arg(&chimera)
+        .arg(&mix));
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let rows: Vec<Value> = text.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 2, "{family}: load_check.py printed {text}");
     for row in rows {
-        assert!(row.get("error").is_none(), "{family}: from_pretrained({}) failed: {}", row["dir"], row["error"]);
+        assert!(
+            row.get("error").is_none(),
+            "{family}: from_pretrained({}) failed: {}",
+            row["dir"],
+            row["error"]
+        );
         for k in ["missing", "unexpected", "mismatched"] {
-            assert_eq!(row[k], json!([]), "{family}: {} keys loading {}", k, row["dir"]);
+            assert_eq!(
+                row[k],
+                json!([]),
+                "{family}: {} keys loading {}",
+                k,
+                row["dir"]
+            );
         }
     }
 }
@@ -269,30 +406,58 @@ fn check_plan_counts(family: &str) {
     let b = tensors(&base);
     let cache = tmp.path().join("stats");
     for (label, flags, decide) in [
-        ("chimera", vec!["--subset", "experts", "--weights", "0,1"], (|g: &str, _interp: bool| if g == "experts" { "donor" } else { "base" }) as fn(&str, bool) -> &'static str),
-        ("lambda 0.3", vec!["--lambda", "0.3"], |_g: &str, interp: bool| if interp { "mixed" } else { "base" }),
+        (
+            "chimera",
+            vec!["--subset", "experts", "--weights", "0,1"],
+            (|g: &str, _interp: bool| if g == "experts" { "donor" } else { "base" })
+                as fn(&str, bool) -> &'static str,
+        ),
+        (
+            "lambda 0.3",
+            vec!["--lambda", "0.3"],
+            |_g: &str, interp: bool| if interp { "mixed" } else { "base" },
+        ),
     ] {
         let mut want: BTreeMap<String, BTreeMap<&str, (u64, u64)>> = BTreeMap::new();
         for (n, t) in &b {
             let w = weight_of(n, &b);
             let g = group_of(&w);
-            let e = want.entry(g.to_string()).or_default().entry(decide(g, interpolable(&w, &b))).or_default();
+            let e = want
+                .entry(g.to_string())
+                .or_default()
+                .entry(decide(g, interpolable(&w, &b)))
+                .or_default();
             e.0 += 1;
             e.1 += t.bytes.len() as u64;
         }
-        let mut args = vec!["plan", "--json", "--base", s(&base), "--parent", s(&parent), "--cache-dir", s(&cache)];
+        let mut args = vec![
+            "plan",
+            "--json",
+            "--base",
+            s(&base),
+            "--parent",
+            s(&parent),
+            "--cache-dir",
+            s(&cache),
+        ];
         args.extend_from_slice(&flags);
         let v: Value = serde_json::from_slice(&aoe(&args).stdout).expect("plan --json prints JSON");
         let mut got: BTreeMap<String, BTreeMap<&str, (u64, u64)>> = BTreeMap::new();
         for (g, row) in v["groups"].as_object().expect("plan JSON has groups") {
             for k in ["base", "donor", "mixed"] {
-                let (t, by) = (row[k]["tensors"].as_u64().unwrap_or(0), row[k]["bytes"].as_u64().unwrap_or(0));
+                let (t, by) = (
+                    row[k]["tensors"].as_u64().unwrap_or(0),
+                    row[k]["bytes"].as_u64().unwrap_or(0),
+                );
                 if t > 0 || by > 0 {
                     got.entry(g.clone()).or_default().insert(k, (t, by));
                 }
             }
         }
-        assert_eq!(got, want, "{family} plan ({label}): per group {{decision: (tensors, bytes)}}, aoe vs the table");
+        assert_eq!(
+            got, want,
+            "{family} plan ({label}): per group {{decision: (tensors, bytes)}}, aoe vs the table"
+        );
     }
 }
 
@@ -325,9 +490,20 @@ family_tests! {
 #[test]
 fn qwen2_moe_shared_experts_subset_selects_shared_expert_and_its_gate() {
     let b = tensors(&fam("qwen2-moe").0);
-    let shared: Vec<&String> = b.keys().filter(|n| group_of(n) == "shared-experts").collect();
-    assert!(shared.iter().any(|n| n.contains(".mlp.shared_expert_gate.")), "fixture has shared_expert_gate: {shared:?}");
-    assert!(shared.iter().any(|n| n.contains(".mlp.shared_expert.")), "fixture has shared_expert: {shared:?}");
+    let shared: Vec<&String> = b
+        .keys()
+        .filter(|n| group_of(n) == "shared-experts")
+        .collect();
+    assert!(
+        shared
+            .iter()
+            .any(|n| n.contains(".mlp.shared_expert_gate.")),
+        "fixture has shared_expert_gate: {shared:?}"
+    );
+    assert!(
+        shared.iter().any(|n| n.contains(".mlp.shared_expert.")),
+        "fixture has shared_expert: {shared:?}"
+    );
     check_one_hot_group("qwen2-moe", "shared-experts");
 }
 
@@ -335,11 +511,20 @@ fn qwen2_moe_shared_experts_subset_selects_shared_expert_and_its_gate() {
 fn the_table_puts_every_family_name_where_expected() {
     // the local table itself, on names seen in the real checkpoints
     for (n, g) in [
-        ("model.layers.1.block_sparse_moe.experts.3.w2.weight", "experts"),
+        (
+            "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+            "experts",
+        ),
         ("model.layers.0.mlp.experts.gate_up_proj_blocks", "experts"),
         ("model.layers.0.mlp.experts.down_proj_bias", "experts"),
-        ("model.layers.1.mlp.shared_expert_gate.weight", "shared-experts"),
-        ("model.layers.1.mlp.shared_experts.up_proj.weight", "shared-experts"),
+        (
+            "model.layers.1.mlp.shared_expert_gate.weight",
+            "shared-experts",
+        ),
+        (
+            "model.layers.1.mlp.shared_experts.up_proj.weight",
+            "shared-experts",
+        ),
         ("model.layers.0.mlp.router.bias", "router"),
         ("model.layers.1.mlp.gate.e_score_correction_bias", "router"),
         ("model.layers.0.self_attn.k_norm.weight", "norms"),

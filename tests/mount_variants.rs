@@ -105,6 +105,10 @@ fn invalid_names_get_enoent_and_a_log_line() {
         ("lambda=0.5,subset=expert", "unknown subset"),
         ("weights=0.2:0.3:0.5", "3 weights given, 2 needed"),
         ("lambda", "not key=value"),
+        (
+            "lambda=0.5,subset=re:^none$",
+            "subset re:^none$ selects nothing to mix",
+        ),
     ] {
         let e = std::fs::metadata(g.path(name)).expect_err(name);
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{name}: {e}");
@@ -117,7 +121,9 @@ fn invalid_names_get_enoent_and_a_log_line() {
         );
     }
     assert!(listing(&g.mnt).is_empty(), "refused names are not listed");
-    assert!(g.status()["names_refused"].as_u64().unwrap() >= 6);
+    assert!(g.status()["names_refused"].as_u64().unwrap() >= 7);
+    // Unless the name allows it.
+    assert!(std::fs::metadata(g.path("lambda=0.5,subset=re:^none$,allow-empty=true")).is_ok());
     // A valid name still works afterwards, and its files are there.
     assert!(std::fs::metadata(g.path("lambda=0.5/config.json")).is_ok());
     assert_eq!(

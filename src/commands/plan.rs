@@ -74,6 +74,9 @@ pub fn plan_report(child: &Child, threads: usize) -> Result<PlanReport> {
             })
             .collect::<Result<Vec<_>>>()
     })?;
+    if !child.recipe.allow_empty && child.plan.nothing_above_delta() {
+        return Err(child.plan.empty_by_delta(&child.recipe));
+    }
     let mut report = PlanReport::default();
     for (g, o, t) in decided.into_iter().flatten() {
         let e = &mut report.groups.entry(g).or_default()[o as usize];

@@ -9,7 +9,6 @@ pub mod stats;
 
 pub use groups::{layer_of, Group};
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use regex::Regex;
@@ -166,6 +165,8 @@ pub struct RecipeSpec {
     pub metric: Option<String>,
     /// Permit weights outside the simplex.
     pub allow_extrapolation: Option<bool>,
+    /// Permit a subset, rule or δ that selects nothing (the child is then the base).
+    pub allow_empty: Option<bool>,
 }
 
 impl RecipeSpec {
@@ -235,6 +236,12 @@ impl RecipeSpec {
                         bad("\"allow_extrapolation\" must be true or false".into())
                     })?)
                 }
+                "allow_empty" => {
+                    spec.allow_empty = Some(
+                        val.as_bool()
+                            .ok_or_else(|| bad("\"allow_empty\" must be true or false".into()))?,
+                    )
+                }
                 "rules" => {
                     let arr = val
                         .as_array()
@@ -282,6 +289,11 @@ impl RecipeSpec {
                 v.parse::<f64>()
                     .map_err(|_| bad(format!("{k}: {v:?} is not a number")))
             };
+            let flag = |k: &str| match v {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err(bad(format!("{k}: {v:?} is not true or false"))),
+            };
             match k {
                 "lambda" => spec.lambda = Some(num()?),
                 "weights" => spec.weights = Some(parse_weights(v, name)?),
@@ -291,17 +303,8 @@ impl RecipeSpec {
                     .get_or_insert_with(Vec::new)
                     .extend(v.split('+').map(str::to_string)),
                 "metric" => spec.metric = Some(v.to_string()),
-                "allow-extrapolation" => {
-                    spec.allow_extrapolation = Some(match v {
-                        "true" | "1" | "yes" => true,
-                        "false" | "0" | "no" => false,
-                        _ => {
-                            return Err(bad(format!(
-                                "allow-extrapolation: {v:?} is not true or false"
-                            )))
-                        }
-                    })
-                }
+                "allow-extrapolation" => spec.allow_extrapolation = Some(flag(k)?),
+                "allow-empty" => spec.allow_empty = Some(flag(k)?),
                 _ => {
                     return Err(bad(format!(
                         "unknown key {k:?} (use lambda, weights, delta, subset, metric)"
@@ -333,6 +336,7 @@ impl RecipeSpec {
             rules: over.rules.or(self.rules),
             metric: over.metric.or(self.metric),
             allow_extrapolation: over.allow_extrapolation.or(self.allow_extrapolation),
+            allow_empty: over.allow_empty.or(self.allow_empty),
         }
     }
 
@@ -400,6 +404,7 @@ impl RecipeSpec {
             rules,
             metric,
             allow_extrapolation: allow,
+            allow_empty: self.allow_empty.unwrap_or(false),
         })
     }
 }
@@ -447,6 +452,8 @@ pub struct Recipe {
     pub metric: Metric,
     /// Weights outside the simplex were permitted.
     pub allow_extrapolation: bool,
+    /// A selection of nothing was permitted.
+    pub allow_empty: bool,
 }
 
 impl Recipe {
@@ -499,6 +506,10 @@ impl Recipe {
             "allow_extrapolation".into(),
             json!(self.allow_extrapolation),
         );
+        // Recorded only when set, so recipes that never used it keep their bytes.
+        if self.allow_empty {
+            m.insert("allow_empty".into(), json!(true));
+        }
         Value::Object(m)
     }
 

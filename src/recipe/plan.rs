@@ -124,7 +124,18 @@ impl Plan {
         }
         let mut intents: Vec<Intent> = vec![Intent::Base];
         let mut intent_of = Vec::with_capacity(index.units.len());
+        // Units the subset selects that can be mixed, and the rules that meet one of them.
+        let mut selected = 0usize;
+        let mut rule_used = vec![false; recipe.rules.len()];
         for u in &index.units {
+            if recipe.selects(&u.weight, u.group)
+                && models.source(0, &u.weight)?.info.dtype.is_mixable()
+            {
+                selected += 1;
+                for (used, r) in rule_used.iter_mut().zip(&recipe.rules) {
+                    *used |= r.regex.is_match(&u.weight);
+                }
+            }
             let i = intent(recipe, models, u)?;
             let k = match intents.iter().position(|x| *x == i) {
                 Some(k) => k,
@@ -138,6 +149,23 @@ impl Plan {
             intent_of.push(u16::try_from(k).map_err(|_| Error::BadRecipe {
                 reason: "too many distinct per-tensor weights".into(),
             })?);
+        }
+        if !recipe.allow_empty {
+            if selected == 0 {
+                return Err(Error::EmptySelection {
+                    asked: format!("subset {}", subset_text(recipe)),
+                    groups: group_counts(&index),
+                });
+            }
+            if let Some(r) = rule_used
+                .iter()
+                .zip(&recipe.rules)
+                .find_map(|(used, r)| (!used).then_some(r))
+            {
+                return Err(Error::UnusedRule {
+                    pattern: r.regex.as_str().to_string(),
+                });
+            }
         }
         let decided = index.units.iter().map(|_| AtomicU8::new(0)).collect();
         let locks = (0..64).map(|_| Mutex::new(())).collect();
@@ -199,11 +227,52 @@ impl Plan {
         Ok(if above { want.clone() } else { Source::Base })
     }
 
+    /// Whether δ kept the base's bytes for every unit the recipe wanted changed (there is at
+    /// least one; all decided): the child would silently be the base. Decides nothing itself.
+    pub fn nothing_above_delta(&self) -> bool {
+        let mut wanted = false;
+        for (k, d) in self.intent_of.iter().zip(&self.decided) {
+            if matches!(self.intents.get(*k as usize), Some(Intent::Selected(_))) {
+                match d.load(Ordering::Acquire) {
+                    1 => wanted = true,
+                    _ => return false,
+                }
+            }
+        }
+        wanted
+    }
+
+    /// The error for a recipe whose δ selected nothing (see [`Plan::nothing_above_delta`]).
+    pub fn empty_by_delta(&self, recipe: &Recipe) -> Error {
+        Error::EmptySelection {
+            asked: format!("delta {} over subset {}", recipe.delta, subset_text(recipe)),
+            groups: group_counts(&self.index),
+        }
+    }
+
     /// What the recipe wants of unit `u`, before δ.
     pub fn intent(&self, u: usize) -> &Intent {
         let k = self.intent_of.get(u).copied().unwrap_or(0) as usize;
         self.intents.get(k).unwrap_or(&Intent::Base)
     }
+}
+
+/// The subset as the user would write it (`experts+router`).
+fn subset_text(recipe: &Recipe) -> String {
+    let items: Vec<String> = recipe.subset.iter().map(|s| s.text()).collect();
+    items.join("+")
+}
+
+/// Tensors (weights and companions) per group of the base, in group order.
+fn group_counts(index: &UnitIndex) -> Vec<(String, usize)> {
+    let mut counts = std::collections::BTreeMap::new();
+    for u in &index.units {
+        *counts.entry(u.group).or_insert(0usize) += 1 + usize::from(u.scale.is_some());
+    }
+    counts
+        .into_iter()
+        .map(|(g, n)| (g.name().to_string(), n))
+        .collect()
 }
 
 fn intent(recipe: &Recipe, models: &Models, u: &Unit) -> Result<Intent> {
