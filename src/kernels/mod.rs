@@ -8,6 +8,7 @@
 //! Layout: `codec` (element codecs), `simd` (level detection, `multiversion!`), `chunk` (the
 //! inlined chunk loops the fast paths are made of), `x86` (intrinsics), `convert` (decode,
 //! dequantize, encode, FP8 quantize over slices), `mix` (accumulate and the fused mix),
+//! `mxfp4` (MXFP4 decode, requantize and fused mix, with its own semantics section),
 //! `stats` (difference statistic and sign), [`scalar`] (the reference); everything public is
 //! re-exported here.
 //!
@@ -73,6 +74,7 @@ mod chunk;
 mod codec;
 mod convert;
 mod mix;
+mod mxfp4;
 pub mod scalar;
 mod simd;
 mod stats;
@@ -82,11 +84,17 @@ mod x86;
 #[cfg(test)]
 mod diff_sign_tests;
 #[cfg(test)]
+mod mxfp4_tests;
+#[cfg(test)]
 mod tests;
 
 pub use codec::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, f32_to_fp8, fp8_to_f32};
 pub use convert::{decode, dequant_fp8, encode, quantize_fp8, scale_add};
 pub use mix::{accumulate, mix, MixInput};
+pub use mxfp4::{
+    decode_mxfp4, e2m1_to_f32, e8m0_to_f32, f32_to_e2m1, mix_mxfp4, quantize_mxfp4, MxInput,
+    MxSource, E8M0_NAN, MXFP4_BLOCK, MXFP4_BLOCK_BYTES,
+};
 pub use simd::{available_levels, simd_level, SimdLevel};
 pub use stats::{
     diff_sign_bytes, sign_of_sum, sum_sq_diff, sum_sq_diff_bytes, DiffSign, SqDiffAcc,

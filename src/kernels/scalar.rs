@@ -4,6 +4,7 @@
 
 use super::convert::{check_encodable, check_mixable, check_scales};
 use super::mix::{check_accumulate, check_mix};
+use super::mxfp4::{check_mix_mxfp4, MxInput, MxSource};
 use super::{MixInput, FP8_BLOCK, FP8_MAX};
 use crate::dtype::DType;
 
@@ -363,4 +364,126 @@ pub fn mix(
         Some(s) => quantize_fp8(&acc, cols, out, s),
         None => encode(out_dtype, &acc, out),
     }
+}
+
+/// E2M1 magnitudes by `code & 7`.
+const E2M1_MAG: [f64; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
+/// E2M1 code (low 4 bits) → f32: `(-1)^bit3 × E2M1_MAG[code & 7]`.
+pub fn e2m1_to_f32(code: u8) -> f32 {
+    let v = E2M1_MAG[(code & 7) as usize] as f32;
+    if code & 8 != 0 {
+        -v
+    } else {
+        v
+    }
+}
+
+/// E8M0 byte → `2^(s−127)` (f64 power of two, exactly an f32); 255 → `0x7fc0_0000`.
+pub fn e8m0_to_f32(s: u8) -> f32 {
+    if s == 255 {
+        f32::from_bits(0x7fc0_0000)
+    } else {
+        2f64.powi(s as i32 - 127) as f32
+    }
+}
+
+/// E2M1 code of `q` (not NaN): above 6 saturated to 6, else the magnitude nearest to |q| by
+/// distance (exact in f64 wherever two can tie), an even code on a tie; with `q`'s sign.
+pub fn f32_to_e2m1(q: f32) -> u8 {
+    let a = (q as f64).abs();
+    let sign = if q.is_sign_negative() { 8 } else { 0 };
+    if a > 6.0 {
+        return 7 | sign; // saturate (far above 6 the f64 distances would tie)
+    }
+    let mut best = 0usize;
+    for m in 1..8 {
+        let (d, db) = ((E2M1_MAG[m] - a).abs(), (E2M1_MAG[best] - a).abs());
+        if d < db || (d == db && m % 2 == 0) {
+            best = m;
+        }
+    }
+    best as u8 | sign
+}
+
+/// Reference of [`super::decode_mxfp4`]: value `j` of block `g` from byte `16g + j/2` (low
+/// nibble for even `j`), `E2M1 × scale` (NaN for scale 255). Processes the whole blocks present
+/// and returns their count.
+pub fn decode_mxfp4(blocks: &[u8], scales: &[u8], out: &mut [f32]) -> usize {
+    let g = scales.len().min(blocks.len() / 16).min(out.len() / 32);
+    for i in 0..g {
+        for j in 0..32 {
+            let byte = blocks[16 * i + j / 2];
+            let code = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
+            out[32 * i + j] = if scales[i] == 255 {
+                f32::from_bits(0x7fc0_0000)
+            } else {
+                e2m1_to_f32(code) * e8m0_to_f32(scales[i])
+            };
+        }
+    }
+    g
+}
+
+/// Reference of [`super::quantize_mxfp4`], from the definition: amax by float comparison,
+/// `floor(log2(amax))` by search over powers of two, a true f32 division per element.
+pub fn quantize_mxfp4(acc: &[f32], blocks: &mut [u8], scales: &mut [u8]) -> usize {
+    let g = scales.len().min(blocks.len() / 16).min(acc.len() / 32);
+    for i in 0..g {
+        let x = &acc[32 * i..32 * i + 32];
+        let amax = x
+            .iter()
+            .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+        if x.iter().any(|v| v.is_nan()) || amax == f32::INFINITY {
+            scales[i] = 255;
+            blocks[16 * i..16 * i + 16].fill(0);
+            continue;
+        }
+        let mut e = -127i32;
+        if amax > 0.0 {
+            // floor(log2(amax)): the k with 2^k <= amax < 2^(k+1), k in -149..=127.
+            let mut k = 127;
+            while 2f64.powi(k) > amax as f64 {
+                k -= 1;
+            }
+            e = (k - 2).max(-127);
+        }
+        scales[i] = (e + 127) as u8;
+        let d = 2f64.powi(e) as f32;
+        for k in 0..16 {
+            let c0 =
+                f32_to_e2m1(x[2 * k] / d) & 7 | if x[2 * k].is_sign_negative() { 8 } else { 0 };
+            let c1 = f32_to_e2m1(x[2 * k + 1] / d) & 7
+                | if x[2 * k + 1].is_sign_negative() {
+                    8
+                } else {
+                    0
+                };
+            blocks[16 * i + k] = c0 | (c1 << 4);
+        }
+    }
+    g
+}
+
+/// Reference of [`super::mix_mxfp4`]: decode every input into a full-size f32 buffer
+/// ([`decode_mxfp4`] or [`decode`]), [`scale_add`] them in order, then [`quantize_mxfp4`].
+pub fn mix_mxfp4(
+    inputs: &[MxInput<'_>],
+    blocks_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<(), String> {
+    let g = check_mix_mxfp4(inputs, blocks_out.len(), scales_out.len())?;
+    let mut acc = vec![0f32; 32 * g];
+    let mut d = vec![0f32; 32 * g];
+    for (i, p) in inputs.iter().enumerate() {
+        match p.source {
+            MxSource::Mxfp4 { blocks, scales } => {
+                let _ = decode_mxfp4(blocks, scales, &mut d);
+            }
+            MxSource::Plain { dtype, bytes } => decode(dtype, bytes, &mut d),
+        }
+        scale_add(&mut acc, p.weight, &d, i == 0);
+    }
+    let _ = quantize_mxfp4(&acc, blocks_out, scales_out);
+    Ok(())
 }

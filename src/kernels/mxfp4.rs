@@ -1,0 +1,402 @@
+//! MXFP4 (OCP Microscaling FP4, GPT-OSS MoE experts): decode, requantize and the fused mix.
+//!
+//! A tensor `X` is stored as the pair `X_blocks` (U8, `[..., G, 16]`: 16 bytes = 32 E2M1 codes
+//! per block) and `X_scales` (U8, `[..., G]`: one E8M0 exponent per block).
+//!
+//! # Exact semantics (binding; `docs/semantics.md`)
+//!
+//! * Value `j` (0..32) of block `g` is in byte `16g + j/2`: the LOW nibble for even `j`, the
+//!   HIGH nibble for odd `j`.
+//! * E2M1 code `c`: sign = bit 3, magnitude `c & 7` → {0, 0.5, 1, 1.5, 2, 3, 4, 6}; code 8 is
+//!   −0.0.
+//! * E8M0 byte `s`: scale = 2^(s−127) as an f32 (`s = 0`: 2^−127, subnormal, exact); `s = 255`
+//!   is NaN: every value of the block decodes to `0x7fc0_0000`.
+//! * Value = E2M1(c) × scale, one f32 multiply (6 × 2^127 overflows to +inf).
+//! * Encode of a block of 32 f32 `x`: if some `x` is NaN or max |x| is +inf → scale 255 and 16
+//!   zero code bytes. Else `e = floor(log2(amax)) − 2` (exact, from the bits; subnormal amax
+//!   and amax = 0 clamp), clamped to `e ≥ −127`; scale byte `e + 127`; code of each element =
+//!   E2M1 of `q = x / 2^e` (one f32 division): nearest of the magnitudes, ties to an even `m`
+//!   (0.25→0, 0.75→1, 1.25→1, 1.75→2, 2.5→2, 3.5→4, 5→4), |q| > 6 → 6, sign bit of `x` in
+//!   bit 3 (a negative value that rounds to 0 gives code 8).
+//!
+//! From the bits: with `E` the biased exponent of amax (0 for zero and subnormals), the scale
+//! byte is `max(E − 2, 0)` (subnormal amax has floor(log2) ≤ −127, so `e` clamps) and 255 when
+//! `E = 255` (inf/NaN). The byte of an encoded block is therefore never 253 or 254.
+//!
+//! The fast path multiplies by `2^−e` instead of dividing by `2^e`: `2^−e` (2^−125..2^127) is an
+//! exact f32, so `x × 2^−e` and `x / 2^e` are the same real number, and IEEE multiplication and
+//! division both return it correctly rounded: the same bits for every `x` (including the
+//! subnormal quotients of tiny elements in a block with a large amax). The scalar reference
+//! ([`super::scalar::quantize_mxfp4`]) divides; the tests compare the two.
+//!
+//! # Lengths
+//!
+//! Sizes come from untrusted headers, so [`decode_mxfp4`] and [`quantize_mxfp4`] never panic on
+//! them: they process the `G = min(scales.len(), blocks.len() / 16, values.len() / 32)` whole
+//! blocks present, leave the rest of the outputs untouched and return `G` (the caller compares
+//! it with the count it expects). [`mix_mxfp4`] checks every length first and returns an error
+//! without writing anything when one does not fit.
+
+use super::chunk::{add_nan_first, decode_any};
+use super::simd::{multiversion, simd_level, SimdLevel};
+use crate::dtype::DType;
+
+/// Values per MXFP4 block.
+pub const MXFP4_BLOCK: usize = 32;
+/// Bytes of one block of `X_blocks` (two codes per byte).
+pub const MXFP4_BLOCK_BYTES: usize = 16;
+/// The E8M0 scale byte meaning NaN.
+pub const E8M0_NAN: u8 = 255;
+
+const QNAN: u32 = 0x7fc0_0000;
+
+/// E2M1 code (low 4 bits of `code`) → f32, exact.
+#[inline(always)]
+pub fn e2m1_to_f32(code: u8) -> f32 {
+    let c = (code & 15) as u32;
+    let m = c & 7;
+    // m = 1 is the subnormal 0.5; m ≥ 2 is (1 + (m & 1)/2) × 2^((m >> 1) − 1).
+    let mag = if m < 2 {
+        m * 0x3f00_0000
+    } else {
+        (((m >> 1) + 126) << 23) | ((m & 1) << 22)
+    };
+    f32::from_bits(mag | ((c & 8) << 28))
+}
+
+/// E8M0 scale byte → 2^(s−127) as an f32 (`s = 0`: the subnormal 2^−127); 255 → NaN
+/// (`0x7fc0_0000`).
+#[inline(always)]
+pub fn e8m0_to_f32(s: u8) -> f32 {
+    let s = s as u32;
+    f32::from_bits(if s == 0 {
+        0x0040_0000
+    } else if s == 255 {
+        QNAN
+    } else {
+        s << 23
+    })
+}
+
+/// The E2M1 code of `q` (not NaN): |q| rounded to the nearest magnitude, ties to an even code,
+/// saturating at 6, with `q`'s sign bit.
+#[inline(always)]
+pub fn f32_to_e2m1(q: f32) -> u8 {
+    let a = q.abs();
+    // Each threshold passed adds one code step; `>` where the tie goes down (to an even m),
+    // `>=` where it goes up.
+    let m = (a > 0.25) as u32
+        + (a >= 0.75) as u32
+        + (a > 1.25) as u32
+        + (a >= 1.75) as u32
+        + (a > 2.5) as u32
+        + (a >= 3.5) as u32
+        + (a > 5.0) as u32;
+    (m | ((q.to_bits() >> 28) & 8)) as u8
+}
+
+/// The scale byte of a block whose largest `|x|` bit pattern (`bits & 0x7fff_ffff`, integer
+/// max, so NaN is largest) is `amax`.
+#[inline(always)]
+fn scale_byte(amax: u32) -> u8 {
+    let e = amax >> 23;
+    if e >= 255 {
+        E8M0_NAN
+    } else {
+        e.saturating_sub(2) as u8
+    }
+}
+
+/// `2^−e` for the scale byte `s = e + 127` ≤ 252 (the encoder's bytes): an exact normal f32.
+#[inline(always)]
+fn recip_scale(s: u8) -> f32 {
+    f32::from_bits(254u32.saturating_sub(s as u32) << 23)
+}
+
+/// Encodes one block given as its even (`lo`) and odd (`hi`) elements; returns the scale byte.
+#[inline(always)]
+fn enc_block(lo: &[f32; 16], hi: &[f32; 16], out: &mut [u8; 16]) -> u8 {
+    let mut amax = 0u32;
+    for k in 0..16 {
+        amax = amax.max(lo[k].to_bits() & 0x7fff_ffff);
+        amax = amax.max(hi[k].to_bits() & 0x7fff_ffff);
+    }
+    let s = scale_byte(amax);
+    let r = recip_scale(s);
+    let keep = if s == E8M0_NAN { 0 } else { 0xff };
+    for k in 0..16 {
+        out[k] = (f32_to_e2m1(lo[k] * r) | (f32_to_e2m1(hi[k] * r) << 4)) & keep;
+    }
+    s
+}
+
+/// `d = E2M1 × scale` of one block, then `acc = w·d` (FIRST) or `acc = acc + w·d`, on the even
+/// (`lo`) and odd (`hi`) elements.
+#[inline(always)]
+fn axpy_block<const FIRST: bool>(
+    b: &[u8; 16],
+    s: u8,
+    w: f32,
+    lo: &mut [f32; 16],
+    hi: &mut [f32; 16],
+) {
+    let mut dl = [0f32; 16];
+    let mut dh = [0f32; 16];
+    dec_block(b, s, &mut dl, &mut dh);
+    for k in 0..16 {
+        if FIRST {
+            lo[k] = w * dl[k];
+            hi[k] = w * dh[k];
+        } else {
+            lo[k] = add_nan_first(lo[k], w * dl[k]);
+            hi[k] = add_nan_first(hi[k], w * dh[k]);
+        }
+    }
+}
+
+/// Decodes one block into its even (`lo`) and odd (`hi`) elements.
+#[inline(always)]
+fn dec_block(b: &[u8; 16], s: u8, lo: &mut [f32; 16], hi: &mut [f32; 16]) {
+    if s == E8M0_NAN {
+        *lo = [f32::from_bits(QNAN); 16];
+        *hi = [f32::from_bits(QNAN); 16];
+        return;
+    }
+    let sc = e8m0_to_f32(s);
+    for k in 0..16 {
+        lo[k] = e2m1_to_f32(b[k] & 15) * sc;
+        hi[k] = e2m1_to_f32(b[k] >> 4) * sc;
+    }
+}
+
+/// The `&[T; N]` view of the `N` elements at `i·N`.
+#[inline(always)]
+fn at<T, const N: usize>(s: &[T], i: usize) -> &[T; N] {
+    s[i * N..(i + 1) * N].try_into().expect("block length")
+}
+
+#[inline(always)]
+fn at_mut<T, const N: usize>(s: &mut [T], i: usize) -> &mut [T; N] {
+    (&mut s[i * N..(i + 1) * N])
+        .try_into()
+        .expect("block length")
+}
+
+/// Whole blocks present in blocks/scales/values of these lengths.
+#[inline]
+pub(super) fn whole_blocks(blocks: usize, scales: usize, values: usize) -> usize {
+    scales
+        .min(blocks / MXFP4_BLOCK_BYTES)
+        .min(values / MXFP4_BLOCK)
+}
+
+/// Decodes MXFP4 to f32 (natural element order): `out[32g + j]` = value `j` of block `g`.
+/// Processes the `G` whole blocks present (see the module doc) and returns `G`.
+#[must_use = "the number of blocks decoded may be fewer than expected"]
+pub fn decode_mxfp4(blocks: &[u8], scales: &[u8], out: &mut [f32]) -> usize {
+    decode_mxfp4_at(simd_level(), blocks, scales, out)
+}
+
+pub(super) fn decode_mxfp4_at(
+    level: SimdLevel,
+    blocks: &[u8],
+    scales: &[u8],
+    out: &mut [f32],
+) -> usize {
+    let g = whole_blocks(blocks.len(), scales.len(), out.len());
+    decode_mv(level, blocks, scales, out, g);
+    g
+}
+
+multiversion! {
+    fn decode_mv<LV>(blocks: &[u8], scales: &[u8], out: &mut [f32], g: usize) {
+        for i in 0..g {
+            let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
+            dec_block(at(blocks, i), scales[i], &mut lo, &mut hi);
+            let o: &mut [f32; 32] = at_mut(out, i);
+            for k in 0..16 {
+                o[2 * k] = lo[k];
+                o[2 * k + 1] = hi[k];
+            }
+        }
+    }
+}
+
+/// Requantizes f32 values (natural element order) to MXFP4 blocks and scales, per the module
+/// doc. Processes the `G` whole blocks present and returns `G`.
+#[must_use = "the number of blocks encoded may be fewer than expected"]
+pub fn quantize_mxfp4(acc: &[f32], blocks: &mut [u8], scales: &mut [u8]) -> usize {
+    quantize_mxfp4_at(simd_level(), acc, blocks, scales)
+}
+
+pub(super) fn quantize_mxfp4_at(
+    level: SimdLevel,
+    acc: &[f32],
+    blocks: &mut [u8],
+    scales: &mut [u8],
+) -> usize {
+    let g = whole_blocks(blocks.len(), scales.len(), acc.len());
+    quantize_mv(level, acc, blocks, scales, g);
+    g
+}
+
+multiversion! {
+    fn quantize_mv<LV>(acc: &[f32], blocks: &mut [u8], scales: &mut [u8], g: usize) {
+        for i in 0..g {
+            let x: &[f32; 32] = at(acc, i);
+            let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
+            for k in 0..16 {
+                lo[k] = x[2 * k];
+                hi[k] = x[2 * k + 1];
+            }
+            scales[i] = enc_block(&lo, &hi, at_mut(blocks, i));
+        }
+    }
+}
+
+/// Where one parent of [`mix_mxfp4`] takes its values from.
+#[derive(Clone, Copy, Debug)]
+pub enum MxSource<'a> {
+    /// MXFP4: `16·G` code bytes and `G` E8M0 scale bytes.
+    Mxfp4 { blocks: &'a [u8], scales: &'a [u8] },
+    /// BF16, F16 or F32 little-endian values, `32·G` of them in the same element order.
+    Plain { dtype: DType, bytes: &'a [u8] },
+}
+
+/// One parent's contribution to [`mix_mxfp4`].
+#[derive(Clone, Copy, Debug)]
+pub struct MxInput<'a> {
+    /// The parent's values for this tensor.
+    pub source: MxSource<'a>,
+    /// λ of this parent, already converted to f32 (not NaN).
+    pub weight: f32,
+}
+
+/// Checks the shapes of a [`mix_mxfp4`] call; returns `G`.
+pub(super) fn check_mix_mxfp4(
+    inputs: &[MxInput<'_>],
+    blocks_out: usize,
+    scales_out: usize,
+) -> Result<usize, String> {
+    let g = scales_out;
+    if inputs.is_empty() {
+        return Err("kernels::mix_mxfp4: no inputs".into());
+    }
+    if Some(blocks_out) != g.checked_mul(MXFP4_BLOCK_BYTES) {
+        return Err(format!(
+            "kernels::mix_mxfp4: {blocks_out} output block bytes for {g} scales"
+        ));
+    }
+    for (i, p) in inputs.iter().enumerate() {
+        match p.source {
+            MxSource::Mxfp4 { blocks, scales } => {
+                if blocks.len() != blocks_out || scales.len() != g {
+                    return Err(format!(
+                        "kernels::mix_mxfp4: input {i} has {} block bytes and {} scales, \
+                         the output {blocks_out} and {g}",
+                        blocks.len(),
+                        scales.len()
+                    ));
+                }
+            }
+            MxSource::Plain { dtype, bytes } => {
+                if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
+                    return Err(format!(
+                        "kernels::mix_mxfp4: input {i} is {dtype}, not BF16/F16/F32/MXFP4"
+                    ));
+                }
+                let want = g.checked_mul(MXFP4_BLOCK * dtype.size());
+                if Some(bytes.len()) != want {
+                    return Err(format!(
+                        "kernels::mix_mxfp4: input {i} has {} bytes, {g} blocks of {dtype} \
+                         need {}",
+                        bytes.len(),
+                        g.saturating_mul(MXFP4_BLOCK * dtype.size())
+                    ));
+                }
+            }
+        }
+    }
+    Ok(g)
+}
+
+/// Fused mix into MXFP4: exactly decoding each parent to f32 (MXFP4 as
+/// [`decode_mxfp4`], BF16/F16/F32 as [`super::decode`]), `acc = w1·D1; acc = acc + w2·D2; …`
+/// in input order (each product and sum rounded to f32, no FMA), then [`quantize_mxfp4`] into
+/// `blocks_out` (`16·G` bytes) and `scales_out` (`G` bytes, which sets `G`). Works in tiles of
+/// 16 blocks: no f32 copy of the tensor is made.
+///
+/// # Errors
+/// Before writing anything, when `inputs` is empty, a plain input is not BF16/F16/F32, or a
+/// length does not fit `G` (see [`MxSource`]).
+pub fn mix_mxfp4(
+    inputs: &[MxInput<'_>],
+    blocks_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<(), String> {
+    mix_mxfp4_at(simd_level(), inputs, blocks_out, scales_out)
+}
+
+pub(super) fn mix_mxfp4_at(
+    level: SimdLevel,
+    inputs: &[MxInput<'_>],
+    blocks_out: &mut [u8],
+    scales_out: &mut [u8],
+) -> Result<(), String> {
+    let g = check_mix_mxfp4(inputs, blocks_out.len(), scales_out.len())?;
+    mix_mv(level, inputs, blocks_out, scales_out, g);
+    Ok(())
+}
+
+/// Blocks per tile of [`mix_mxfp4`] (512 values: 4 KiB of f32, in L1).
+const TB: usize = 16;
+
+multiversion! {
+    fn mix_mv<LV>(inputs: &[MxInput<'_>], blocks_out: &mut [u8], scales_out: &mut [u8], g: usize) {
+        let mut lo = [[0f32; 16]; TB];
+        let mut hi = [[0f32; 16]; TB];
+        let mut plain = [0f32; TB * MXFP4_BLOCK];
+        let mut g0 = 0;
+        while g0 < g {
+            let nb = TB.min(g - g0);
+            for (i, p) in inputs.iter().enumerate() {
+                let (w, first) = (p.weight, i == 0);
+                match p.source {
+                    MxSource::Mxfp4 { blocks, scales } => {
+                        for b in 0..nb {
+                            let (bb, s) = (at(blocks, g0 + b), scales[g0 + b]);
+                            if first {
+                                axpy_block::<true>(bb, s, w, &mut lo[b], &mut hi[b]);
+                            } else {
+                                axpy_block::<false>(bb, s, w, &mut lo[b], &mut hi[b]);
+                            }
+                        }
+                    }
+                    MxSource::Plain { dtype, bytes } => {
+                        let sz = dtype.size() * MXFP4_BLOCK;
+                        let d = &mut plain[..nb * MXFP4_BLOCK];
+                        decode_any::<LV>(dtype, &bytes[g0 * sz..(g0 + nb) * sz], d);
+                        for b in 0..nb {
+                            let x: &[f32; 32] = at(d, b);
+                            let (l, h) = (&mut lo[b], &mut hi[b]);
+                            for k in 0..16 {
+                                let (pl, ph) = (w * x[2 * k], w * x[2 * k + 1]);
+                                if first {
+                                    l[k] = pl;
+                                    h[k] = ph;
+                                } else {
+                                    l[k] = add_nan_first(l[k], pl);
+                                    h[k] = add_nan_first(h[k], ph);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for b in 0..nb {
+                scales_out[g0 + b] = enc_block(&lo[b], &hi[b], at_mut(blocks_out, g0 + b));
+            }
+            g0 += nb;
+        }
+    }
+}
