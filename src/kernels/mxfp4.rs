@@ -38,7 +38,7 @@
 //! without writing anything when one does not fit.
 
 use super::chunk::{add_nan_first, decode_any};
-use super::simd::{multiversion, simd_level, SimdLevel};
+use super::simd::{multiversion, simd_level, SimdLevel, LV_AVX512};
 use crate::dtype::DType;
 
 /// Values per MXFP4 block.
@@ -115,7 +115,13 @@ fn recip_scale(s: u8) -> f32 {
 
 /// Encodes one block given as its even (`lo`) and odd (`hi`) elements; returns the scale byte.
 #[inline(always)]
-fn enc_block(lo: &[f32; 16], hi: &[f32; 16], out: &mut [u8; 16]) -> u8 {
+fn enc_block<const LV: u8>(lo: &[f32; 16], hi: &[f32; 16], out: &mut [u8; 16]) -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    if LV == LV_AVX512 {
+        // SAFETY: LV_AVX512 instances only run inside the AVX-512 `multiversion!` wrapper, on
+        // CPUs with AVX-512 F/BW/VL.
+        return unsafe { avx512::enc_arrays(lo, hi, out) };
+    }
     let mut amax = 0u32;
     for k in 0..16 {
         amax = amax.max(lo[k].to_bits() & 0x7fff_ffff);
@@ -133,7 +139,7 @@ fn enc_block(lo: &[f32; 16], hi: &[f32; 16], out: &mut [u8; 16]) -> u8 {
 /// `d = E2M1 × scale` of one block, then `acc = w·d` (FIRST) or `acc = acc + w·d`, on the even
 /// (`lo`) and odd (`hi`) elements.
 #[inline(always)]
-fn axpy_block<const FIRST: bool>(
+fn axpy_block<const LV: u8, const FIRST: bool>(
     b: &[u8; 16],
     s: u8,
     w: f32,
@@ -142,7 +148,7 @@ fn axpy_block<const FIRST: bool>(
 ) {
     let mut dl = [0f32; 16];
     let mut dh = [0f32; 16];
-    dec_block(b, s, &mut dl, &mut dh);
+    dec_block::<LV>(b, s, &mut dl, &mut dh);
     for k in 0..16 {
         if FIRST {
             lo[k] = w * dl[k];
@@ -156,7 +162,13 @@ fn axpy_block<const FIRST: bool>(
 
 /// Decodes one block into its even (`lo`) and odd (`hi`) elements.
 #[inline(always)]
-fn dec_block(b: &[u8; 16], s: u8, lo: &mut [f32; 16], hi: &mut [f32; 16]) {
+fn dec_block<const LV: u8>(b: &[u8; 16], s: u8, lo: &mut [f32; 16], hi: &mut [f32; 16]) {
+    #[cfg(target_arch = "x86_64")]
+    if LV == LV_AVX512 {
+        // SAFETY: as in `enc_block`.
+        unsafe { avx512::dec_arrays(b, s, lo, hi) };
+        return;
+    }
     if s == E8M0_NAN {
         *lo = [f32::from_bits(QNAN); 16];
         *hi = [f32::from_bits(QNAN); 16];
@@ -212,7 +224,7 @@ multiversion! {
     fn decode_mv<LV>(blocks: &[u8], scales: &[u8], out: &mut [f32], g: usize) {
         for i in 0..g {
             let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
-            dec_block(at(blocks, i), scales[i], &mut lo, &mut hi);
+            dec_block::<LV>(at(blocks, i), scales[i], &mut lo, &mut hi);
             let o: &mut [f32; 32] = at_mut(out, i);
             for k in 0..16 {
                 o[2 * k] = lo[k];
@@ -249,7 +261,7 @@ multiversion! {
                 lo[k] = x[2 * k];
                 hi[k] = x[2 * k + 1];
             }
-            scales[i] = enc_block(&lo, &hi, at_mut(blocks, i));
+            scales[i] = enc_block::<LV>(&lo, &hi, at_mut(blocks, i));
         }
     }
 }
@@ -353,6 +365,20 @@ const TB: usize = 16;
 
 multiversion! {
     fn mix_mv<LV>(inputs: &[MxInput<'_>], blocks_out: &mut [u8], scales_out: &mut [u8], g: usize) {
+        // Two MXFP4 parents (GPT-OSS experts): one pass per block in registers on AVX-512.
+        #[cfg(target_arch = "x86_64")]
+        if LV == LV_AVX512 {
+            if let [MxInput { source: MxSource::Mxfp4 { blocks: a, scales: sa }, weight: wa },
+                    MxInput { source: MxSource::Mxfp4 { blocks: b, scales: sb }, weight: wb }] = inputs {
+                for i in 0..g {
+                    // SAFETY: as in `enc_block`.
+                    scales_out[i] = unsafe {
+                        avx512::mix2(at(a, i), sa[i], *wa, at(b, i), sb[i], *wb, at_mut(blocks_out, i))
+                    };
+                }
+                return;
+            }
+        }
         let mut lo = [[0f32; 16]; TB];
         let mut hi = [[0f32; 16]; TB];
         let mut plain = [0f32; TB * MXFP4_BLOCK];
@@ -366,9 +392,9 @@ multiversion! {
                         for b in 0..nb {
                             let (bb, s) = (at(blocks, g0 + b), scales[g0 + b]);
                             if first {
-                                axpy_block::<true>(bb, s, w, &mut lo[b], &mut hi[b]);
+                                axpy_block::<LV, true>(bb, s, w, &mut lo[b], &mut hi[b]);
                             } else {
-                                axpy_block::<false>(bb, s, w, &mut lo[b], &mut hi[b]);
+                                axpy_block::<LV, false>(bb, s, w, &mut lo[b], &mut hi[b]);
                             }
                         }
                     }
@@ -394,9 +420,130 @@ multiversion! {
                 }
             }
             for b in 0..nb {
-                scales_out[g0 + b] = enc_block(&lo[b], &hi[b], at_mut(blocks_out, g0 + b));
+                scales_out[g0 + b] = enc_block::<LV>(&lo[b], &hi[b], at_mut(blocks_out, g0 + b));
             }
             g0 += nb;
         }
+    }
+}
+
+/// AVX-512 versions of the block decoder and encoder (the same functions of the bits).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{e8m0_to_f32, recip_scale, scale_byte, E8M0_NAN};
+    use std::arch::x86_64::*;
+
+    /// The 16 E2M1 values by code (`vpermps` uses the low 4 index bits: no masking).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    fn table() -> __m512 {
+        _mm512_setr_ps(
+            0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+        )
+    }
+
+    /// The even and odd values of one block: `E2M1 × scale`, one multiply; for scale 255 the
+    /// scale is the quiet NaN and the product is that NaN (the only NaN operand), as
+    /// [`super::dec_block`] gives.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    fn dec(b: &[u8; 16], s: u8) -> [__m512; 2] {
+        // SAFETY: 16 bytes; unaligned load.
+        let w = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(b.as_ptr().cast()) });
+        let (t, sc) = (table(), _mm512_set1_ps(e8m0_to_f32(s)));
+        [
+            _mm512_mul_ps(_mm512_permutexvar_ps(w, t), sc),
+            _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32::<4>(w), t), sc),
+        ]
+    }
+
+    /// E2M1 codes of `x · r` (r = 2^−e exact, see the module doc), as dwords.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    fn codes(x: __m512, r: __m512) -> __m512i {
+        let q = _mm512_mul_ps(x, r);
+        let a = _mm512_abs_ps(q);
+        let one = _mm512_set1_epi32(1);
+        let t = |v: f32| _mm512_set1_ps(v);
+        // The thresholds of `super::f32_to_e2m1`: `>` where ties go down, `>=` where up.
+        let ks = [
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, t(0.25)),
+            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, t(0.75)),
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, t(1.25)),
+            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, t(1.75)),
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, t(2.5)),
+            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, t(3.5)),
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, t(5.0)),
+        ];
+        let mut m = _mm512_setzero_si512();
+        for k in ks {
+            m = _mm512_mask_add_epi32(m, k, m, one);
+        }
+        let sign = _mm512_srli_epi32::<28>(_mm512_castps_si512(q));
+        // m | (sign & 8): bit select by 8 (imm 0xe4 = C ? A : B).
+        _mm512_ternarylogic_epi32::<0xe4>(sign, m, _mm512_set1_epi32(8))
+    }
+
+    /// Encodes one block from its even and odd values; returns the scale byte.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    fn enc(lo: __m512, hi: __m512, out: &mut [u8; 16]) -> u8 {
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        let amax = _mm512_reduce_max_epu32(_mm512_max_epu32(
+            _mm512_and_si512(_mm512_castps_si512(lo), abs),
+            _mm512_and_si512(_mm512_castps_si512(hi), abs),
+        ));
+        let s = scale_byte(amax);
+        if s == E8M0_NAN {
+            *out = [0; 16];
+            return s;
+        }
+        let r = _mm512_set1_ps(recip_scale(s));
+        let c = _mm512_or_si512(codes(lo, r), _mm512_slli_epi32::<4>(codes(hi, r)));
+        // SAFETY: 16 bytes; unaligned store.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(c)) };
+        s
+    }
+
+    /// [`super::dec_block`] through [`dec`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    pub(super) unsafe fn dec_arrays(b: &[u8; 16], s: u8, lo: &mut [f32; 16], hi: &mut [f32; 16]) {
+        let [l, h] = dec(b, s);
+        // SAFETY: 16 floats each; unaligned stores.
+        unsafe {
+            _mm512_storeu_ps(lo.as_mut_ptr(), l);
+            _mm512_storeu_ps(hi.as_mut_ptr(), h);
+        }
+    }
+
+    /// [`super::enc_block`] through [`enc`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    pub(super) unsafe fn enc_arrays(lo: &[f32; 16], hi: &[f32; 16], out: &mut [u8; 16]) -> u8 {
+        // SAFETY: 16 floats each; unaligned loads.
+        let (l, h) = unsafe { (_mm512_loadu_ps(lo.as_ptr()), _mm512_loadu_ps(hi.as_ptr())) };
+        enc(l, h, out)
+    }
+
+    /// One block of the two-MXFP4-parent mix: `wa·da + wb·db`, encoded. The add is a plain
+    /// one: where an operand is NaN the block encodes as 255 + zero codes whichever NaN the
+    /// add returns, so the first-operand NaN rule cannot show in the output bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn mix2(
+        a: &[u8; 16],
+        sa: u8,
+        wa: f32,
+        b: &[u8; 16],
+        sb: u8,
+        wb: f32,
+        out: &mut [u8; 16],
+    ) -> u8 {
+        let (da, db) = (dec(a, sa), dec(b, sb));
+        let (wa, wb) = (_mm512_set1_ps(wa), _mm512_set1_ps(wb));
+        let m = |j: usize| _mm512_add_ps(_mm512_mul_ps(wa, da[j]), _mm512_mul_ps(wb, db[j]));
+        enc(m(0), m(1), out)
     }
 }
