@@ -67,15 +67,10 @@ pub fn e2m1_to_f32(code: u8) -> f32 {
 /// E8M0 scale byte → 2^(s−127) as an f32 (`s = 0`: the subnormal 2^−127); 255 → NaN
 /// (`0x7fc0_0000`).
 #[inline(always)]
-pub fn e8m0_to_f32(s: u8) -> f32 {
+pub const fn e8m0_to_f32(s: u8) -> f32 {
     let s = s as u32;
-    f32::from_bits(if s == 0 {
-        0x0040_0000
-    } else if s == 255 {
-        QNAN
-    } else {
-        s << 23
-    })
+    let v = if s == 255 { QNAN } else { s << 23 };
+    f32::from_bits(if s == 0 { 0x0040_0000 } else { v })
 }
 
 /// The E2M1 code of `q` (not NaN): |q| rounded to the nearest magnitude, ties to an even code,
@@ -370,12 +365,8 @@ multiversion! {
         if LV == LV_AVX512 {
             if let [MxInput { source: MxSource::Mxfp4 { blocks: a, scales: sa }, weight: wa },
                     MxInput { source: MxSource::Mxfp4 { blocks: b, scales: sb }, weight: wb }] = inputs {
-                for i in 0..g {
-                    // SAFETY: as in `enc_block`.
-                    scales_out[i] = unsafe {
-                        avx512::mix2(at(a, i), sa[i], *wa, at(b, i), sb[i], *wb, at_mut(blocks_out, i))
-                    };
-                }
+                // SAFETY: as in `enc_block`.
+                unsafe { avx512::mix2(a, sa, *wa, b, sb, *wb, blocks_out, scales_out, g) };
                 return;
             }
         }
@@ -431,6 +422,17 @@ multiversion! {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{e8m0_to_f32, recip_scale, scale_byte, E8M0_NAN};
+
+    /// [`e8m0_to_f32`] of every byte (one broadcast load per block instead of the selects).
+    static E8M0: [f32; 256] = {
+        let mut t = [0f32; 256];
+        let mut s = 0;
+        while s < 256 {
+            t[s] = e8m0_to_f32(s as u8);
+            s += 1;
+        }
+        t
+    };
     use std::arch::x86_64::*;
 
     /// The 16 E2M1 values by code (`vpermps` uses the low 4 index bits: no masking).
@@ -450,7 +452,7 @@ mod avx512 {
     fn dec(b: &[u8; 16], s: u8) -> [__m512; 2] {
         // SAFETY: 16 bytes; unaligned load.
         let w = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(b.as_ptr().cast()) });
-        let (t, sc) = (table(), _mm512_set1_ps(e8m0_to_f32(s)));
+        let (t, sc) = (table(), _mm512_set1_ps(E8M0[s as usize]));
         [
             _mm512_mul_ps(_mm512_permutexvar_ps(w, t), sc),
             _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32::<4>(w), t), sc),
@@ -461,24 +463,26 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
     fn codes(x: __m512, r: __m512) -> __m512i {
+        // The hardware's round-to-nearest-even does the E2M1 rounding: with E the biased
+        // exponent of a = |q| and M = max(E, 127), C = 2^(M − 105) has ulp 0.5, 1, 2 for
+        // a < 2, a in [2, 4), a in [4, 8) (|q| < 8 always, see the module doc): exactly the
+        // E2M1 spacing there. `a + C` rounds a to a multiple of that ulp, ties to an even
+        // multiple, and its bits minus C's count the multiples: n = 0..4 below 2 (m = n), 2..4
+        // in [2, 4) (m = n + 2), 2..4 in [4, 8) (m = n + 4; n = 4 is 8 > 6 → m = 7). An even
+        // n is an even m in each range, so ties go to the even code, as the spec says. So
+        // m = min(n + 2(M − 127), 7).
         let q = _mm512_mul_ps(x, r);
-        let a = _mm512_abs_ps(q);
-        let one = _mm512_set1_epi32(1);
-        let t = |v: f32| _mm512_set1_ps(v);
-        // The thresholds of `super::f32_to_e2m1`: `>` where ties go down, `>=` where up.
-        let ks = [
-            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, t(0.25)),
-            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, t(0.75)),
-            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, t(1.25)),
-            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, t(1.75)),
-            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, t(2.5)),
-            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, t(3.5)),
-            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, t(5.0)),
-        ];
-        let mut m = _mm512_setzero_si512();
-        for k in ks {
-            m = _mm512_mask_add_epi32(m, k, m, one);
-        }
+        let a = _mm512_and_si512(_mm512_castps_si512(q), _mm512_set1_epi32(0x7fff_ffff));
+        let e = _mm512_max_epu32(_mm512_srli_epi32::<23>(a), _mm512_set1_epi32(127));
+        let c = _mm512_slli_epi32::<23>(_mm512_add_epi32(e, _mm512_set1_epi32(22)));
+        let sum = _mm512_add_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(c));
+        // `a + C` stays in C's binade (a + C ≤ C + 2 ulps < 2C), so n is its mantissa field.
+        let n = _mm512_and_si512(_mm512_castps_si512(sum), _mm512_set1_epi32(0x7f_ffff));
+        let m = _mm512_add_epi32(
+            n,
+            _mm512_sub_epi32(_mm512_add_epi32(e, e), _mm512_set1_epi32(254)),
+        );
+        let m = _mm512_min_epi32(m, _mm512_set1_epi32(7));
         let sign = _mm512_srli_epi32::<28>(_mm512_castps_si512(q));
         // m | (sign & 8): bit select by 8 (imm 0xe4 = C ? A : B).
         _mm512_ternarylogic_epi32::<0xe4>(sign, m, _mm512_set1_epi32(8))
@@ -526,24 +530,37 @@ mod avx512 {
         enc(l, h, out)
     }
 
-    /// One block of the two-MXFP4-parent mix: `wa·da + wb·db`, encoded. The add is a plain
-    /// one: where an operand is NaN the block encodes as 255 + zero codes whichever NaN the
-    /// add returns, so the first-operand NaN rule cannot show in the output bytes.
-    #[inline]
+    /// The two-MXFP4-parent mix of the first `g` blocks (the caller checked the lengths):
+    /// per block `wa·da + wb·db`, encoded. The add is a plain one: where an operand is NaN the
+    /// block encodes as 255 + zero codes whichever NaN the add returns, so the first-operand
+    /// NaN rule cannot show in the output bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn mix2(
-        a: &[u8; 16],
-        sa: u8,
+        a: &[u8],
+        sa: &[u8],
         wa: f32,
-        b: &[u8; 16],
-        sb: u8,
+        b: &[u8],
+        sb: &[u8],
         wb: f32,
-        out: &mut [u8; 16],
-    ) -> u8 {
-        let (da, db) = (dec(a, sa), dec(b, sb));
+        out: &mut [u8],
+        out_s: &mut [u8],
+        g: usize,
+    ) {
         let (wa, wb) = (_mm512_set1_ps(wa), _mm512_set1_ps(wb));
-        let m = |j: usize| _mm512_add_ps(_mm512_mul_ps(wa, da[j]), _mm512_mul_ps(wb, db[j]));
-        enc(m(0), m(1), out)
+        let blocks = a[..16 * g]
+            .chunks_exact(16)
+            .zip(b[..16 * g].chunks_exact(16))
+            .zip(out[..16 * g].chunks_exact_mut(16));
+        for (((a, b), o), (sa, (sb, so))) in
+            blocks.zip(sa[..g].iter().zip(sb[..g].iter().zip(&mut out_s[..g])))
+        {
+            let (da, db) = (
+                dec(a.try_into().unwrap(), *sa),
+                dec(b.try_into().unwrap(), *sb),
+            );
+            let m = |j: usize| _mm512_add_ps(_mm512_mul_ps(wa, da[j]), _mm512_mul_ps(wb, db[j]));
+            *so = enc(m(0), m(1), o.try_into().unwrap());
+        }
     }
 }

@@ -641,3 +641,36 @@ fn mix_rejects_bad_shapes_without_writing() {
     let (mut ob, mut os) = ([0u8; 31], [0u8; 2]);
     assert!(mix_mxfp4(&ok, &mut ob, &mut os).is_err());
 }
+
+/// The element rounding of every level against the reference on a sweep of |q| in [0, 8)
+/// (every 61st f32 bit pattern, both signs, plus ±64 ulps around each tie and grid point):
+/// blocks whose amax is 7.5 have e = 0, so q = x exactly.
+#[test]
+fn quantize_element_rounding_sweep() {
+    let mut xs: Vec<f32> = (0..0x4100_0000u32)
+        .step_by(61)
+        .map(f32::from_bits)
+        .flat_map(|x| [x, -x])
+        .collect();
+    for t in [
+        0.25f32, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0,
+    ] {
+        for d in -64i32..=64 {
+            let x = f32::from_bits((t.to_bits() as i32 + d) as u32);
+            xs.extend([x, -x]);
+        }
+    }
+    let mut v = Vec::with_capacity(xs.len() / 31 * 32 + 32);
+    for c in xs.chunks(31) {
+        v.push(7.5);
+        v.extend_from_slice(c);
+        v.resize(v.len().next_multiple_of(32), 0.0);
+    }
+    let (b, s) = quantize_all(&v);
+    assert!(s.iter().all(|&s| s == 127));
+    // And the element function itself, on the same values.
+    for &x in &xs {
+        assert_eq!(f32_to_e2m1(x), scalar::f32_to_e2m1(x), "{x:e}");
+    }
+    assert!(!b.is_empty());
+}
