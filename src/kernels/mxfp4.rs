@@ -497,6 +497,13 @@ mod avx512 {
             _mm512_and_si512(_mm512_castps_si512(lo), abs),
             _mm512_and_si512(_mm512_castps_si512(hi), abs),
         ));
+        enc_amax(lo, hi, amax, out)
+    }
+
+    /// [`enc`] with the block's amax bits already known.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    fn enc_amax(lo: __m512, hi: __m512, amax: u32, out: &mut [u8; 16]) -> u8 {
         let s = scale_byte(amax);
         if s == E8M0_NAN {
             *out = [0; 16];
@@ -507,6 +514,33 @@ mod avx512 {
         // SAFETY: 16 bytes; unaligned store.
         unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(c)) };
         s
+    }
+
+    /// The amax bits of two blocks given as their even/odd values: one shared reduction tree
+    /// (integer max, order-free, so the same value as [`enc`]'s).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+    fn amax2(b0: [__m512; 2], b1: [__m512; 2]) -> (u32, u32) {
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        let m = |b: [__m512; 2]| {
+            _mm512_max_epu32(
+                _mm512_and_si512(_mm512_castps_si512(b[0]), abs),
+                _mm512_and_si512(_mm512_castps_si512(b[1]), abs),
+            )
+        };
+        let (v0, v1) = (m(b0), m(b1));
+        // 128-bit lanes: [v0.0, v0.1, v1.0, v1.1] max [v0.2, v0.3, v1.2, v1.3].
+        let t = _mm512_max_epu32(
+            _mm512_shuffle_i64x2::<0b01_00_01_00>(v0, v1),
+            _mm512_shuffle_i64x2::<0b11_10_11_10>(v0, v1),
+        );
+        // Then lane pairs: [0 max 1, 0 max 1, 2 max 3, 2 max 3].
+        let t = _mm512_max_epu32(t, _mm512_shuffle_i64x2::<0b10_11_00_01>(t, t));
+        let t = _mm512_max_epu32(t, _mm512_shuffle_epi32::<0b01_00_11_10>(t));
+        let t = _mm512_max_epu32(t, _mm512_shuffle_epi32::<0b10_11_00_01>(t));
+        let lo = _mm512_castsi512_si128(t);
+        let hi = _mm512_extracti32x4_epi32::<2>(t);
+        (_mm_cvtsi128_si32(lo) as u32, _mm_cvtsi128_si32(hi) as u32)
     }
 
     /// [`super::dec_block`] through [`dec`].
@@ -548,6 +582,34 @@ mod avx512 {
         g: usize,
     ) {
         let (wa, wb) = (_mm512_set1_ps(wa), _mm512_set1_ps(wb));
+        let mix = |a: &[u8], sa: u8, b: &[u8], sb: u8| {
+            let (da, db) = (
+                dec(a.try_into().unwrap(), sa),
+                dec(b.try_into().unwrap(), sb),
+            );
+            let m = |j: usize| _mm512_add_ps(_mm512_mul_ps(wa, da[j]), _mm512_mul_ps(wb, db[j]));
+            [m(0), m(1)]
+        };
+        // Pairs of blocks share the amax reduction.
+        let g2 = g / 2 * 2;
+        for i in (0..g2).step_by(2) {
+            let k = 16 * i;
+            let v0 = mix(&a[k..k + 16], sa[i], &b[k..k + 16], sb[i]);
+            let v1 = mix(&a[k + 16..k + 32], sa[i + 1], &b[k + 16..k + 32], sb[i + 1]);
+            let (m0, m1) = amax2(v0, v1);
+            let (o0, o1) = out[k..k + 32].split_at_mut(16);
+            out_s[i] = enc_amax(v0[0], v0[1], m0, o0.try_into().unwrap());
+            out_s[i + 1] = enc_amax(v1[0], v1[1], m1, o1.try_into().unwrap());
+        }
+        let (a, b, out, sa, sb, out_s) = (
+            &a[16 * g2..],
+            &b[16 * g2..],
+            &mut out[16 * g2..],
+            &sa[g2..],
+            &sb[g2..],
+            &mut out_s[g2..],
+        );
+        let g = g - g2;
         let blocks = a[..16 * g]
             .chunks_exact(16)
             .zip(b[..16 * g].chunks_exact(16))
