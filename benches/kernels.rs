@@ -3,7 +3,7 @@
 //! `cargo bench --bench kernels` runs at the detected SIMD level, then re-runs itself with
 //! `AOE_KERNELS=avx2` and `AOE_KERNELS=portable` (when those are lower than the detected level)
 //! to show the fallbacks. Environment: `AOE_BENCH_MIB` (default 64) or `AOE_BENCH_KIB` sets the
-//! output size; `AOE_BENCH_ONLY=bf16|fp8` runs one group.
+//! output size; `AOE_BENCH_ONLY=bf16|fp8|mxfp4` runs one group.
 //!
 //! Every kernel is timed in `REPS` rounds; each round times a memcpy of the output size and
 //! then the kernel (repeated within the round to last ≥ 20 ms when the size is small), so the
@@ -11,7 +11,7 @@
 //! GB/s, of the paired memcpy GB/s and of the per-round ratio. Buffers are touched and every
 //! kernel run twice before timing (fresh memory is slow on this VM).
 
-use aoe::kernels::{self, MixInput, SimdLevel};
+use aoe::kernels::{self, MixInput, MxInput, MxSource, SimdLevel};
 use aoe::model::dtype::DType;
 use std::hint::black_box;
 use std::time::Instant;
@@ -238,6 +238,66 @@ fn main() {
                     DType::F8E4M3,
                     &cb,
                 ));
+            },
+        );
+    }
+
+    if only.is_empty() || only == "mxfp4" {
+        // MXFP4 two-parent mix, λ = 0.5: decode both, mix, requantize (GPT-OSS experts).
+        // Output bytes: 16 code bytes + 1 scale byte per 32 values.
+        let g = n_out / (kernels::MXFP4_BLOCK_BYTES + 1);
+        let mx = |rng: &mut Rng| -> (Vec<u8>, Vec<u8>) {
+            let b = (0..16 * g).map(|_| rng.next() as u8).collect();
+            let s = (0..g).map(|_| 116 + (rng.next() % 8) as u8).collect();
+            (b, s)
+        };
+        let (ba, sa) = mx(&mut rng);
+        let (bb, sb) = mx(&mut rng);
+        let inputs = [
+            MxInput {
+                source: MxSource::Mxfp4 {
+                    blocks: &ba,
+                    scales: &sa,
+                },
+                weight: 0.5,
+            },
+            MxInput {
+                source: MxSource::Mxfp4 {
+                    blocks: &bb,
+                    scales: &sb,
+                },
+                weight: 0.5,
+            },
+        ];
+        let out_bytes = 17 * g;
+        let (mut ob, mut os) = (vec![0u8; 16 * g], vec![0u8; g]);
+        bench(
+            "mxfp4 decode-mix-requant (`mix_mxfp4`)",
+            out_bytes,
+            &mut mc,
+            || kernels::mix_mxfp4(black_box(&inputs), &mut ob, &mut os).unwrap(),
+        );
+
+        // The same, unfused, through 1 MiB f32 chunks: decode, scale_add ×2, quantize.
+        let chunk = 1 << 13; // blocks per chunk (2^18 values)
+        let (mut acc, mut d) = (vec![0f32; 32 * chunk], vec![0f32; 32 * chunk]);
+        bench(
+            "mxfp4 (unfused, 1 MiB f32 tiles)",
+            out_bytes,
+            &mut mc,
+            || {
+                let mut g0 = 0;
+                while g0 < g {
+                    let n = chunk.min(g - g0);
+                    let (bl, sc) = (g0 * 16..(g0 + n) * 16, g0..g0 + n);
+                    let (acc, d) = (&mut acc[..32 * n], &mut d[..32 * n]);
+                    let _ = kernels::decode_mxfp4(&ba[bl.clone()], &sa[sc.clone()], d);
+                    kernels::scale_add(acc, 0.5, d, true);
+                    let _ = kernels::decode_mxfp4(&bb[bl.clone()], &sb[sc.clone()], d);
+                    kernels::scale_add(acc, 0.5, d, false);
+                    let _ = kernels::quantize_mxfp4(acc, &mut ob[bl], &mut os[sc]);
+                    g0 += n;
+                }
             },
         );
     }

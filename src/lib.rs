@@ -17,7 +17,4 @@ pub mod synth;
 pub mod testkit;
 pub mod write;
 
-// The kernels are being split into a folder; until then they name the dtype module here.
-pub(crate) use model::dtype;
-
 pub use error::{Error, Result};
