@@ -369,8 +369,13 @@ fn dec(v: Option<&Value>) -> Option<f64> {
 }
 
 fn load(file: &Path) -> Option<HashMap<String, [Option<f64>; 3]>> {
-    let text = std::fs::read(file).ok()?;
-    let v: Value = serde_json::from_slice(&text).ok()?;
+    parse_cache(&std::fs::read(file).ok()?)
+}
+
+/// Parses the bytes of a statistics cache file: name → [stored, dequantized, stored_sign] δ
+/// (`None` where absent or unreadable); `None` for a file that is not a JSON object.
+pub fn parse_cache(text: &[u8]) -> Option<HashMap<String, [Option<f64>; 3]>> {
+    let v: Value = serde_json::from_slice(text).ok()?;
     Some(
         v.as_object()?
             .iter()
