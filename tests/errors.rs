@@ -28,6 +28,23 @@ fn fails(args: &[&str], needles: &[&str]) {
     assert_eq!(err.lines().count(), 1, "one message, one line:\n{err}");
 }
 
+/// `aoe write` of a λ = 0.5 child of `base` and `parent` into `out` fails with `needles`.
+fn write_fails(base: &Path, parent: &Path, out: &Path, needles: &[&str]) {
+    fails(
+        &[
+            "write",
+            "--base",
+            s(base),
+            "--parent",
+            s(parent),
+            "--lambda",
+            "0.5",
+            s(out),
+        ],
+        needles,
+    )
+}
+
 struct Fam {
     _tmp: tempfile::TempDir,
     root: PathBuf,
@@ -106,21 +123,7 @@ fn missing_or_wrong_directories() {
 fn malformed_index_and_headers() {
     let f = fam();
     let out = f.root.join("out");
-    let run = |p: &Path, needles: &[&str]| {
-        fails(
-            &[
-                "write",
-                "--base",
-                s(&f.m[0]),
-                "--parent",
-                s(p),
-                "--lambda",
-                "0.5",
-                s(&out),
-            ],
-            needles,
-        )
-    };
+    let run = |p: &Path, needles: &[&str]| write_fails(&f.m[0], p, &out, needles);
 
     let p = copy_dir(&f.m[1], &f.root.join("bad-index"));
     std::fs::write(
@@ -181,21 +184,7 @@ fn malformed_index_and_headers() {
 fn missing_tensor_shape_and_dtype_mismatches() {
     let f = fam();
     let out = f.root.join("out");
-    let run = |p: &Path, needles: &[&str]| {
-        fails(
-            &[
-                "write",
-                "--base",
-                s(&f.m[0]),
-                "--parent",
-                s(p),
-                "--lambda",
-                "0.5",
-                s(&out),
-            ],
-            needles,
-        )
-    };
+    let run = |p: &Path, needles: &[&str]| write_fails(&f.m[0], p, &out, needles);
 
     let p = copy_dir(&f.m[1], &f.root.join("missing"));
     let sh = shard_of(&p, N);
@@ -277,42 +266,22 @@ fn bad_weights_subsets_and_regexes() {
         ],
         &["not convex", "--allow-extrapolation"],
     );
-    fails(
-        &[
-            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--subset", "expert", o,
-        ],
-        &["unknown subset \"expert\""],
-    );
-    fails(
-        &[
-            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--subset", "re:(", o,
-        ],
-        &["bad regex \"(\""],
-    );
-    fails(
-        &[
-            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--rule", "[=0,1", o,
-        ],
-        &["bad regex \"[\""],
-    );
-    fails(
-        &[
-            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--rule", "x=1,0,0", o,
-        ],
-        &["3 weights given, 2 needed"],
-    );
-    fails(
-        &[
-            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--metric", "l2", o,
-        ],
-        &["unknown metric"],
-    );
-    fails(
-        &[
-            "write", "--base", b, "--parent", p, "--lambda", "0.5", "--delta", "-1", o,
-        ],
-        &["--delta"],
-    );
+    // One bad flag after a good λ recipe, and the words its message must hold.
+    for (flag, value, needle) in [
+        ("--subset", "expert", "unknown subset \"expert\""),
+        ("--subset", "re:(", "bad regex \"(\""),
+        ("--rule", "[=0,1", "bad regex \"[\""),
+        ("--rule", "x=1,0,0", "3 weights given, 2 needed"),
+        ("--metric", "l2", "unknown metric"),
+        ("--delta", "-1", "--delta"),
+    ] {
+        fails(
+            &[
+                "write", "--base", b, "--parent", p, "--lambda", "0.5", flag, value, o,
+            ],
+            &[needle],
+        );
+    }
     fails(&["write", "--base", b, "--lambda", "0.5", o], &["--parent"]);
     fails(&["write", "--base", b, "--parent", p, o], &["--lambda"]);
     assert!(!out.exists());

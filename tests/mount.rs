@@ -36,110 +36,59 @@ fn errno_of<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     r.expect_err("must fail").raw_os_error().unwrap_or(0)
 }
 
-#[test]
-fn fp8_children_equal_aoe_write() {
+/// Mounts and writes the child of every case (label, the flags after the base and parents)
+/// over a family of three siblings, base m1; a case whose flags hold `--weights` with three
+/// weights gets m3 as a second parent. Every file must be identical, the recipe file too.
+fn children_equal_aoe_write(dtype: FixtureDType, seed: u64, cases: &[(&str, &[&str])]) {
     let tmp = tempdir();
-    let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 3, 11);
-    let (m1, m2, m3) = (s(&fam[0]), s(&fam[1]), s(&fam[2]));
-    let cases: Vec<(&str, Vec<&str>)> = vec![
-        (
-            "full",
-            vec!["--base", m1, "--parent", m2, "--lambda", "0.5"],
-        ),
-        (
-            "experts",
-            vec![
-                "--base", m1, "--parent", m2, "--subset", "experts", "--lambda", "0.7",
-            ],
-        ),
-        (
-            "chimera",
-            vec![
-                "--base", m1, "--parent", m2, "--subset", "experts", "--lambda", "1",
-            ],
-        ),
-        (
-            "delta",
-            vec![
-                "--base", m1, "--parent", m2, "--lambda", "0.5", "--delta", "1.5",
-            ],
-        ),
-        (
-            "three",
-            vec![
-                "--base",
-                m1,
-                "--parent",
-                m2,
-                "--parent",
-                m3,
-                "--weights",
-                "0.2,0.3,0.5",
-            ],
-        ),
-        (
-            "rules",
-            vec![
-                "--base",
-                m1,
-                "--parent",
-                m2,
-                "--lambda",
-                "0.4",
-                "--rule",
-                "layers\\.1\\.=0.1,0.9",
-            ],
-        ),
-    ];
-    for (label, args) in &cases {
-        let (g, w) = check_equal(tmp.path(), label, args);
-        // The recipe file is exactly the child's.
+    let fam = family(&tmp.path().join("fam"), dtype, 3, seed);
+    for (label, rest) in cases {
+        let three = rest.iter().any(|a| a.matches(',').count() == 2);
+        let mut args = vec!["--base", s(&fam[0]), "--parent", s(&fam[1])];
+        if three {
+            args.extend(["--parent", s(&fam[2])]);
+        }
+        args.extend_from_slice(rest);
+        let (g, w) = check_equal(tmp.path(), label, &args);
         assert_eq!(
             std::fs::read(g.path("aoe_recipe.json")).unwrap(),
-            std::fs::read(w.join("aoe_recipe.json")).unwrap()
+            std::fs::read(w.join("aoe_recipe.json")).unwrap(),
+            "{label}: the recipe file is exactly the written child's"
         );
     }
 }
 
 #[test]
+fn fp8_children_equal_aoe_write() {
+    children_equal_aoe_write(
+        FixtureDType::Fp8,
+        11,
+        &[
+            ("full", &["--lambda", "0.5"]),
+            ("experts", &["--subset", "experts", "--lambda", "0.7"]),
+            ("chimera", &["--subset", "experts", "--lambda", "1"]),
+            ("delta", &["--lambda", "0.5", "--delta", "1.5"]),
+            ("three", &["--weights", "0.2,0.3,0.5"]),
+            (
+                "rules",
+                &["--lambda", "0.4", "--rule", "layers\\.1\\.=0.1,0.9"],
+            ),
+        ],
+    );
+}
+
+#[test]
 fn bf16_children_equal_aoe_write() {
-    let tmp = tempdir();
-    let fam = family(&tmp.path().join("fam"), FixtureDType::Bf16, 3, 12);
-    let (m1, m2, m3) = (s(&fam[0]), s(&fam[1]), s(&fam[2]));
-    let cases: Vec<(&str, Vec<&str>)> = vec![
-        (
-            "full",
-            vec!["--base", m1, "--parent", m2, "--lambda", "0.3"],
-        ),
-        (
-            "experts",
-            vec![
-                "--base", m1, "--parent", m2, "--subset", "experts", "--lambda", "0.6",
-            ],
-        ),
-        (
-            "delta",
-            vec![
-                "--base", m1, "--parent", m2, "--lambda", "0.5", "--delta", "0.001",
-            ],
-        ),
-        (
-            "three",
-            vec![
-                "--base",
-                m1,
-                "--parent",
-                m2,
-                "--parent",
-                m3,
-                "--weights",
-                "0.5,0.25,0.25",
-            ],
-        ),
-    ];
-    for (label, args) in &cases {
-        check_equal(tmp.path(), label, args);
-    }
+    children_equal_aoe_write(
+        FixtureDType::Bf16,
+        12,
+        &[
+            ("full", &["--lambda", "0.3"]),
+            ("experts", &["--subset", "experts", "--lambda", "0.6"]),
+            ("delta", &["--lambda", "0.5", "--delta", "0.001"]),
+            ("three", &["--weights", "0.5,0.25,0.25"]),
+        ],
+    );
 }
 
 #[test]

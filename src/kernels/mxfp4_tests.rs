@@ -2,6 +2,7 @@
 //! hand-computed values, encoder edge cases, the exact round-trip set, the fused mix.
 
 use super::mxfp4::{decode_mxfp4_at, mix_mxfp4_at, quantize_mxfp4_at};
+use super::tests::{bits, same};
 use super::*;
 use crate::model::dtype::DType;
 
@@ -26,21 +27,6 @@ impl Rng {
 const EDGE_SCALES: [u8; 8] = [0, 1, 126, 127, 128, 253, 254, 255];
 /// Group counts: none, one, around the 16-block tile and SIMD widths.
 const GROUPS: &[usize] = &[0, 1, 2, 3, 5, 7, 15, 16, 17, 31, 33, 100];
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-#[track_caller]
-fn same<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
-        panic!(
-            "{what}: first difference at {i}: got {:?}, want {:?}",
-            got[i], want[i]
-        );
-    }
-}
 
 /// Decode on every level and the reference; asserts they agree and returns the values.
 fn decode_all(blocks: &[u8], scales: &[u8]) -> Vec<f32> {

@@ -80,13 +80,13 @@ const SHAPES: &[(usize, usize)] = &[
 const DTYPES: &[DType] = &[DType::BF16, DType::F16, DType::F32, DType::F8E4M3];
 const OUT_DTYPES: &[DType] = &[DType::BF16, DType::F16, DType::F32];
 
-fn bits(v: &[f32]) -> Vec<u32> {
+pub(super) fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Asserts equality, reporting only the first differing element.
 #[track_caller]
-fn same<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
+pub(super) fn same<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
         panic!(
