@@ -3,4 +3,8 @@
 
 pub mod demo;
 pub mod diff;
+pub mod live;
 pub mod plan;
+pub mod swap;
+pub mod sweep;
+pub mod vllm;
