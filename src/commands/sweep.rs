@@ -344,17 +344,43 @@ fn row_of(rec: &Value) -> Row {
     }
 }
 
+/// The top-level keys of the JSON object in `text`, in the order the file writes them
+/// (serde_json's own map sorts them). Only the keys: the recipes are `read_sweep`'s.
+fn key_order(text: &[u8]) -> Vec<String> {
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut keys = Vec::new();
+            while let Some((k, _)) = m.next_entry::<String, serde::de::IgnoredAny>()? {
+                keys.push(k);
+            }
+            Ok(keys)
+        }
+    }
+    use serde::Deserializer;
+    serde_json::Deserializer::from_slice(text)
+        .deserialize_map(Keys)
+        .unwrap_or_default()
+}
+
 /// Runs the sweep; `on` hears the progress.
 pub fn sweep(o: &SweepOptions, on: &mut dyn FnMut(Event)) -> LiveResult<SweepReport> {
-    let variants = read_sweep(&o.sweep)?;
+    let mut variants = read_sweep(&o.sweep)?;
+    let text = std::fs::read(&o.sweep).unwrap_or_default();
+    let order = key_order(&text);
+    variants.sort_by_key(|(n, _)| order.iter().position(|k| k == n).unwrap_or(usize::MAX));
     if variants.is_empty() {
         return Err(live_err!("{}: no variant", o.sweep.display()));
     }
     // The recipes exactly as the sweep file writes them (read_sweep has validated them).
-    let raw: Map<String, Value> = std::fs::read(&o.sweep)
-        .ok()
-        .and_then(|t| serde_json::from_slice(&t).ok())
-        .unwrap_or_default();
+    let raw: Map<String, Value> = serde_json::from_slice(&text).unwrap_or_default();
     let prompts = read_prompts(&o.prompts)?;
     if !o.root.is_dir() {
         return Err(live_err!(
@@ -680,6 +706,12 @@ pub fn svg(rows: &[Row], key: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_keys_in_file_order() {
+        let k = key_order(br#"{"z": {"lambda": 1}, "a": "lambda=0", "m": {}}"#);
+        assert_eq!(k, ["z", "a", "m"]);
+    }
 
     #[test]
     fn one_varying_key() {
