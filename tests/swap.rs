@@ -412,11 +412,11 @@ fn swap_and_sweep_on_a_real_vllm_server() {
     let tokens1 = srv.generate(&prompts, &max_tokens);
     assert_ne!(tokens1, tokens0, "λ = 0 and λ = 1 generate the same tokens");
 
-    // The sweep: 3 variants × 4 prompts.
+    // The sweep: 3 variants × 4 prompts, in the file's order (not the names' order).
     let sweep_file = scratch.join("sweep.json");
     std::fs::write(
         &sweep_file,
-        r#"{"lambda=0": {"lambda": 0}, "lambda=0.5": {"lambda": 0.5}, "lambda=1": {"lambda": 1}}"#,
+        r#"{"lambda=0.5": {"lambda": 0.5}, "lambda=0": {"lambda": 0}, "lambda=1": {"lambda": 1}}"#,
     )
     .unwrap();
     let prompts_file = scratch.join("prompts.jsonl");
@@ -472,7 +472,7 @@ fn swap_and_sweep_on_a_real_vllm_server() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let names: Vec<&str> = recs.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["lambda=0", "lambda=0.5", "lambda=1"]);
+    assert_eq!(names, ["lambda=0.5", "lambda=0", "lambda=1"]);
     for r in &recs {
         assert!(r["error"].is_null(), "{r}");
         assert_eq!(r["outputs"].as_array().unwrap().len(), 4, "{r}");
@@ -480,13 +480,14 @@ fn swap_and_sweep_on_a_real_vllm_server() {
         assert!(r["generation_seconds"].as_f64().unwrap() > 0.0);
         assert_eq!(r["method"], "aoe_reload");
     }
-    assert_eq!(recs[1]["recipe"], json!({"lambda": 0.5}));
+    assert_eq!(recs[0]["recipe"], json!({"lambda": 0.5}));
     assert_eq!(recs[2]["metrics"]["x"], json!(1.0));
     assert_eq!(recs[2]["metrics"]["exact_match"], json!(1.0));
-    assert_eq!(recs[0]["metrics"]["exact_match"], json!(0.0));
+    assert_eq!(recs[1]["metrics"]["exact_match"], json!(0.0));
     let csv = lines(&results.join("results.csv"));
     assert_eq!(csv.len(), 4, "{csv:?}");
     assert!(csv[0].starts_with("name,lambda,"), "{csv:?}");
+    assert!(csv[1].starts_with("lambda=0.5,0.5,4,"), "{csv:?}");
     assert!(csv[3].starts_with("lambda=1,1.0,4,"), "{csv:?}");
     let svg = std::fs::read_to_string(results.join("sweep.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("mean output tokens"));
@@ -521,9 +522,10 @@ fn swap_and_sweep_on_a_real_vllm_server() {
         assert_eq!(got, want, "{name}: sweep tokens != tokens after aoe swap");
         swapped.push(got);
     }
-    assert_eq!(swapped[0], tokens0, "λ = 0 after swaps != λ = 0 at start");
+    assert_eq!(swapped[1], tokens0, "λ = 0 after swaps != λ = 0 at start");
     assert_eq!(swapped[2], tokens1);
-    assert_ne!(swapped[1], tokens0);
+    assert_ne!(swapped[0], tokens0);
+    assert_ne!(swapped[0], tokens1);
     drop(srv);
 
     // A fresh server on the parent (λ = 1 is the parent's bytes) generates the swapped tokens.
