@@ -118,6 +118,19 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
     },
+    /// Load the checkpoint directory DIR into a running vLLM server, in place.
+    ///
+    /// Checks that DIR is a checkpoint of the served architecture, then pauses the server,
+    /// reloads (the worker extension's aoe_reload when vLLM runs with --worker-extension-cls
+    /// aoe_vllm.SwapExtension, else vLLM's reload_weights), resets the prefix cache and
+    /// resumes. Needs VLLM_SERVER_DEV_MODE=1 on the server. A failed reload reloads the
+    /// previous weights; the server is always resumed.
+    Swap(aoe::commands::live::SwapArgs),
+    /// Swap a running vLLM server through the variants of a sweep file, run prompts on each and
+    /// record outputs and metrics (OUT/results.jsonl, results.csv, sweep.svg).
+    ///
+    /// Resumable: variants already in OUT/results.jsonl are skipped.
+    Sweep(aoe::commands::live::SweepArgs),
     /// Write a small generated model family (for tests, demos and benchmarks).
     #[command(hide = true)]
     Fixture {
@@ -146,7 +159,12 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.cmd) {
+    let res = match cli.cmd {
+        Cmd::Swap(a) => aoe::commands::live::swap_main(a).map_err(|e| e.to_string()),
+        Cmd::Sweep(a) => aoe::commands::live::sweep_main(a).map_err(|e| e.to_string()),
+        cmd => run(cmd).map_err(|e| e.to_string()),
+    };
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aoe: error: {e}");
@@ -317,6 +335,7 @@ fn run(cmd: Cmd) -> Result<()> {
             bf16_copy,
             skeleton,
         } => fixture(&out, &preset, &dtype, siblings, seed, bf16_copy, skeleton),
+        Cmd::Swap(_) | Cmd::Sweep(_) => unreachable!("handled in main"),
     }
 }
 

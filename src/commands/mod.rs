@@ -4,4 +4,8 @@
 #[cfg(feature = "testkit")]
 pub mod demo;
 pub mod diff;
+pub mod live;
 pub mod plan;
+pub mod swap;
+pub mod sweep;
+pub mod vllm;
