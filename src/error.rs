@@ -8,6 +8,7 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong reading parents, recipes and writing children.
+#[allow(missing_docs)] // each variant is documented; its fields say what they name (path, tensor, reason)
 #[derive(Debug)]
 pub enum Error {
     /// An I/O error on a named path.

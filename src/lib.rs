@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! aoe: Assembly of Experts. Synthesizes child checkpoints from sibling models, exact to the bit.
 //!
 //! Data flows one way, and the folders are its stages: [`model`] (checkpoints, dtypes, mmaps) →

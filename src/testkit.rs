@@ -113,20 +113,29 @@ pub struct FamilySpec {
     pub dense_layers: usize,
     /// Routed experts per MoE layer.
     pub experts: usize,
+    /// Hidden size.
     pub hidden: usize,
     /// Dense MLP width.
     pub intermediate: usize,
     /// Routed/shared expert width.
     pub moe_intermediate: usize,
+    /// Vocabulary size.
     pub vocab: usize,
+    /// MLA query compression rank.
     pub q_lora_rank: usize,
+    /// MLA key/value compression rank.
     pub kv_lora_rank: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Per-head query/key width without rotary embedding.
     pub qk_nope_head_dim: usize,
+    /// Per-head rotary width.
     pub qk_rope_head_dim: usize,
+    /// Per-head value width.
     pub v_head_dim: usize,
     /// Adds the multi-token-prediction layer (index `layers`).
     pub mtp: bool,
+    /// Storage of the linear weights.
     pub dtype: FixtureDType,
     /// Approximate bytes per shard for sibling 1; the other siblings differ.
     pub shard_bytes: u64,
@@ -138,8 +147,11 @@ pub struct FamilySpec {
 /// Name, dtype and shape of one tensor of a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorSpec {
+    /// Tensor name.
     pub name: String,
+    /// Element type.
     pub dtype: DType,
+    /// Shape.
     pub shape: Vec<usize>,
 }
 

@@ -7,12 +7,12 @@ use crate::mount::status::status_json;
 use crate::mount::table::{mnt_error, mount_at, unmount};
 
 /// The directory `aoe demo` uses by default: `$XDG_CACHE_HOME/aoe/demo`.
-pub fn default_demo_dir() -> Option<PathBuf> {
+pub(crate) fn default_demo_dir() -> Option<PathBuf> {
     crate::recipe::stats::default_cache_dir().map(|d| d.join("demo"))
 }
 
 /// The `aoe-mount` executable: beside the running one, else on `PATH`.
-pub fn aoe_mount_exe() -> PathBuf {
+pub(crate) fn aoe_mount_exe() -> PathBuf {
     if let Some(dir) = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(Path::to_path_buf))

@@ -12,7 +12,7 @@ use crate::synth::{Child, TensorBytes};
 
 /// Where a unit's bytes come from, as counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// Base bytes.
     Base,
     /// A donor's bytes, verbatim.

@@ -42,7 +42,7 @@ impl Method {
 
 /// What a candidate directory is, in the terms the architecture check compares.
 #[derive(Debug)]
-pub struct Description {
+pub(crate) struct Description {
     /// The directory.
     pub path: PathBuf,
     /// config.json `architectures`.
@@ -60,7 +60,7 @@ pub struct Description {
 }
 
 /// Reads `dir` with the project's checkpoint reader and its config.json.
-pub fn describe_dir(dir: &Path) -> LiveResult<Description> {
+pub(crate) fn describe_dir(dir: &Path) -> LiveResult<Description> {
     let ck = Checkpoint::open(dir).map_err(|e| {
         let e = e.to_string();
         if e.contains("not a checkpoint") {

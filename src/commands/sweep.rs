@@ -28,7 +28,7 @@ pub enum Marker {
 
 /// One prompt of the prompts file.
 #[derive(Clone, Debug)]
-pub struct Prompt {
+pub(crate) struct Prompt {
     /// Text or a list of token ids, as sent.
     pub prompt: Value,
     /// Expected output: text or token ids.
@@ -39,7 +39,7 @@ pub struct Prompt {
 
 /// Reads a JSONL prompts file: `{"prompt": TEXT | [IDS], "expect"?: TEXT | [IDS],
 /// "max_tokens"?: N}` per line (blank lines skipped).
-pub fn read_prompts(path: &Path) -> LiveResult<Vec<Prompt>> {
+pub(crate) fn read_prompts(path: &Path) -> LiveResult<Vec<Prompt>> {
     let text = std::fs::read_to_string(path).map_err(|e| live_err!("{}: {e}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -251,7 +251,7 @@ fn recipe_fields(spec: &RecipeSpec) -> BTreeMap<&'static str, String> {
 
 /// The one recipe key whose value differs across `specs`, with each variant's value; `None`
 /// when none or several vary.
-pub fn varying_key(specs: &[RecipeSpec]) -> Option<(String, Vec<String>)> {
+pub(crate) fn varying_key(specs: &[RecipeSpec]) -> Option<(String, Vec<String>)> {
     let fields: Vec<_> = specs.iter().map(recipe_fields).collect();
     let keys: HashSet<&str> = fields.iter().flat_map(|f| f.keys().copied()).collect();
     let mut varying: Vec<&str> = keys
@@ -295,7 +295,7 @@ fn exact(expect: &Value, text: &str, ids: &[u64]) -> bool {
 }
 
 /// Reads results.jsonl: every record, in file order (unparsable lines are an error).
-pub fn read_results(path: &Path) -> LiveResult<Vec<Value>> {
+pub(crate) fn read_results(path: &Path) -> LiveResult<Vec<Value>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

@@ -29,7 +29,7 @@ impl From<crate::Error> for LiveError {
 }
 
 /// Result of the live commands.
-pub type LiveResult<T> = std::result::Result<T, LiveError>;
+pub(crate) type LiveResult<T> = std::result::Result<T, LiveError>;
 
 /// Builds a [`LiveError`] from a format string.
 #[macro_export]
@@ -38,7 +38,7 @@ macro_rules! live_err {
 }
 
 /// How long the control requests (model list, pause, reset, resume, describe) may take.
-pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// An HTTP answer: status and body text.
 #[derive(Debug)]

@@ -44,7 +44,7 @@ pub fn f32_to_fp8(x: f32) -> u8 {
 
 /// BF16 bits → f32 (exact).
 #[inline(always)]
-pub fn bf16_to_f32(b: u16) -> f32 {
+pub(crate) fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
@@ -63,7 +63,7 @@ pub fn f32_to_bf16(x: f32) -> u16 {
 
 /// IEEE half bits → f32 (exact; NaN payload kept as numpy does).
 #[inline(always)]
-pub fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let h = h as u32;
     let mag = h & 0x7fff;
     let normal = (mag << 13) + 0x3800_0000;
@@ -82,7 +82,7 @@ pub fn f16_to_f32(h: u16) -> f32 {
 /// f32 → IEEE half bits as numpy's `astype(float16)`: RNE, subnormals kept, overflow → ±inf,
 /// NaN → `sign | 0x7c00 | (mantissa >> 13)` (`| 1` if that would be inf).
 #[inline(always)]
-pub fn f32_to_f16(x: f32) -> u16 {
+pub(crate) fn f32_to_f16(x: f32) -> u16 {
     let b = x.to_bits();
     let a = b & 0x7fff_ffff;
     let normal = (a.wrapping_add(0xfff + ((a >> 13) & 1)) >> 13).wrapping_sub(0x1_c000);

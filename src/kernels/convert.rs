@@ -143,7 +143,7 @@ multiversion! {
 /// # Panics
 /// If `src.len() != out.len()`, the band is not whole rows of `cols`, or `scales.len()` is not
 /// `ceil(nrows/128) × ceil(cols/128)`.
-pub fn dequant_fp8(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
+pub(crate) fn dequant_fp8(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
     dequant_fp8_at(simd_level(), src, cols, scales, out)
 }
 

@@ -88,19 +88,18 @@ mod mxfp4_tests;
 #[cfg(test)]
 mod tests;
 
-pub use codec::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, f32_to_fp8, fp8_to_f32};
-pub use convert::{decode, dequant_fp8, encode, quantize_fp8, scale_add};
+pub(crate) use codec::fp8_to_f32;
+pub use codec::{f32_to_bf16, f32_to_fp8};
+pub(crate) use convert::dequant_fp8;
+pub use convert::{decode, encode, quantize_fp8, scale_add};
 pub use mix::{accumulate, mix, MixInput};
-pub use mxfp4::{
-    decode_mxfp4, e2m1_to_f32, e8m0_to_f32, f32_to_e2m1, mix_mxfp4, quantize_mxfp4, MxInput,
-    MxSource, E8M0_NAN, MXFP4_BLOCK, MXFP4_BLOCK_BYTES,
-};
+pub(crate) use mxfp4::MXFP4_BLOCK;
+pub use mxfp4::{decode_mxfp4, mix_mxfp4, quantize_mxfp4, MxInput, MxSource, MXFP4_BLOCK_BYTES};
 #[cfg(any(test, feature = "testkit"))]
 pub(crate) use simd::multiversion;
-pub use simd::{available_levels, simd_level, SimdLevel};
-pub use stats::{
-    diff_sign_bytes, sign_of_sum, sum_sq_diff, sum_sq_diff_bytes, DiffSign, SqDiffAcc,
-};
+pub use simd::{simd_level, SimdLevel};
+pub use stats::sum_sq_diff_bytes;
+pub(crate) use stats::{diff_sign_bytes, sign_of_sum, DiffSign, SqDiffAcc};
 
 /// Side of the square FP8 scaling blocks (DeepSeek `weight_block_size: [128, 128]`).
 pub const FP8_BLOCK: usize = 128;

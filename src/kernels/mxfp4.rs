@@ -42,17 +42,17 @@ use super::simd::{multiversion, simd_level, SimdLevel, LV_AVX512};
 use crate::model::dtype::DType;
 
 /// Values per MXFP4 block.
-pub const MXFP4_BLOCK: usize = 32;
+pub(crate) const MXFP4_BLOCK: usize = 32;
 /// Bytes of one block of `X_blocks` (two codes per byte).
 pub const MXFP4_BLOCK_BYTES: usize = 16;
 /// The E8M0 scale byte meaning NaN.
-pub const E8M0_NAN: u8 = 255;
+pub(crate) const E8M0_NAN: u8 = 255;
 
 const QNAN: u32 = 0x7fc0_0000;
 
 /// E2M1 code (low 4 bits of `code`) → f32, exact.
 #[inline(always)]
-pub fn e2m1_to_f32(code: u8) -> f32 {
+pub(crate) fn e2m1_to_f32(code: u8) -> f32 {
     let c = (code & 15) as u32;
     let m = c & 7;
     // m = 1 is the subnormal 0.5; m ≥ 2 is (1 + (m & 1)/2) × 2^((m >> 1) − 1).
@@ -67,7 +67,7 @@ pub fn e2m1_to_f32(code: u8) -> f32 {
 /// E8M0 scale byte → 2^(s−127) as an f32 (`s = 0`: the subnormal 2^−127); 255 → NaN
 /// (`0x7fc0_0000`).
 #[inline(always)]
-pub const fn e8m0_to_f32(s: u8) -> f32 {
+pub(crate) const fn e8m0_to_f32(s: u8) -> f32 {
     let s = s as u32;
     let v = if s == 255 { QNAN } else { s << 23 };
     f32::from_bits(if s == 0 { 0x0040_0000 } else { v })
@@ -76,7 +76,7 @@ pub const fn e8m0_to_f32(s: u8) -> f32 {
 /// The E2M1 code of `q` (not NaN): |q| rounded to the nearest magnitude, ties to an even code,
 /// saturating at 6, with `q`'s sign bit.
 #[inline(always)]
-pub fn f32_to_e2m1(q: f32) -> u8 {
+pub(crate) fn f32_to_e2m1(q: f32) -> u8 {
     let a = q.abs();
     // Each threshold passed adds one code step; `>` where the tie goes down (to an even m),
     // `>=` where it goes up.
@@ -263,6 +263,7 @@ multiversion! {
 
 /// Where one parent of [`mix_mxfp4`] takes its values from.
 #[derive(Clone, Copy, Debug)]
+#[allow(missing_docs)] // the fields are the input bytes as named
 pub enum MxSource<'a> {
     /// MXFP4: `16·G` code bytes and `G` E8M0 scale bytes.
     Mxfp4 { blocks: &'a [u8], scales: &'a [u8] },

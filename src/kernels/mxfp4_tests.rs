@@ -1,7 +1,11 @@
 //! Tests of the MXFP4 kernels: fast paths against [`super::scalar`] on every SIMD level,
 //! hand-computed values, encoder edge cases, the exact round-trip set, the fused mix.
 
-use super::mxfp4::{decode_mxfp4_at, mix_mxfp4_at, quantize_mxfp4_at};
+use super::codec::f32_to_f16;
+use super::mxfp4::{
+    decode_mxfp4_at, e2m1_to_f32, e8m0_to_f32, f32_to_e2m1, mix_mxfp4_at, quantize_mxfp4_at,
+};
+use super::simd::available_levels;
 use super::tests::{bits, same};
 use super::*;
 use crate::model::dtype::DType;

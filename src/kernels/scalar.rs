@@ -24,7 +24,7 @@ fn pow2_f64(k: i32) -> f64 {
 
 /// FP8 E4M3FN code → f32: `(-1)^s × m × 2^-9` (e = 0), `(-1)^s × (8+m) × 2^(e-10)`, NaN for
 /// e = 15, m = 7.
-pub fn fp8_to_f32(code: u8) -> f32 {
+pub(crate) fn fp8_to_f32(code: u8) -> f32 {
     let neg = code & 0x80 != 0;
     let e = ((code >> 3) & 0xf) as i32;
     let m = (code & 7) as i32;
@@ -77,7 +77,7 @@ pub fn f32_to_fp8(x: f32) -> u8 {
 }
 
 /// BF16 bits → f32.
-pub fn bf16_to_f32(b: u16) -> f32 {
+pub(crate) fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
@@ -111,7 +111,7 @@ pub fn f32_to_bf16(x: f32) -> u16 {
 }
 
 /// IEEE half → f32, numpy's `npy_halfbits_to_floatbits`.
-pub fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let h_exp = h & 0x7c00;
     let f_sgn = ((h as u32) & 0x8000) << 16;
     let bits = match h_exp {
@@ -138,7 +138,7 @@ pub fn f16_to_f32(h: u16) -> f32 {
 }
 
 /// f32 → IEEE half, numpy's `npy_floatbits_to_halfbits`.
-pub fn f32_to_f16(x: f32) -> u16 {
+pub(crate) fn f32_to_f16(x: f32) -> u16 {
     let f = x.to_bits();
     let h_sgn = ((f & 0x8000_0000) >> 16) as u16;
     let f_exp = f & 0x7f80_0000;
@@ -203,7 +203,7 @@ pub fn decode(dtype: DType, src: &[u8], out: &mut [f32]) {
 }
 
 /// Reference of [`super::dequant_fp8`].
-pub fn dequant_fp8(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
+pub(crate) fn dequant_fp8(src: &[u8], cols: usize, scales: &[f32], out: &mut [f32]) {
     assert_eq!(
         src.len(),
         out.len(),
@@ -284,7 +284,7 @@ pub fn quantize_fp8(acc: &[f32], cols: usize, codes: &mut [u8], scales: &mut [f3
 }
 
 /// Reference of [`super::sum_sq_diff`].
-pub fn sum_sq_diff(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn sum_sq_diff(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "kernels::sum_sq_diff: length mismatch");
     let mut l = [0f64; 8];
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -370,7 +370,7 @@ pub fn mix(
 const E2M1_MAG: [f64; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 
 /// E2M1 code (low 4 bits) → f32: `(-1)^bit3 × E2M1_MAG[code & 7]`.
-pub fn e2m1_to_f32(code: u8) -> f32 {
+pub(crate) fn e2m1_to_f32(code: u8) -> f32 {
     let v = E2M1_MAG[(code & 7) as usize] as f32;
     if code & 8 != 0 {
         -v
@@ -380,7 +380,7 @@ pub fn e2m1_to_f32(code: u8) -> f32 {
 }
 
 /// E8M0 byte → `2^(s−127)` (f64 power of two, exactly an f32); 255 → `0x7fc0_0000`.
-pub fn e8m0_to_f32(s: u8) -> f32 {
+pub(crate) fn e8m0_to_f32(s: u8) -> f32 {
     if s == 255 {
         f32::from_bits(0x7fc0_0000)
     } else {
@@ -390,7 +390,7 @@ pub fn e8m0_to_f32(s: u8) -> f32 {
 
 /// E2M1 code of `q` (not NaN): above 6 saturated to 6, else the magnitude nearest to |q| by
 /// distance (exact in f64 wherever two can tie), an even code on a tie; with `q`'s sign.
-pub fn f32_to_e2m1(q: f32) -> u8 {
+pub(crate) fn f32_to_e2m1(q: f32) -> u8 {
     let a = (q as f64).abs();
     let sign = if q.is_sign_negative() { 8 } else { 0 };
     if a > 6.0 {

@@ -90,7 +90,8 @@ pub(crate) fn best_level() -> SimdLevel {
 }
 
 /// Every level this machine can run (for tests and benchmarks).
-pub fn available_levels() -> Vec<SimdLevel> {
+#[cfg(test)]
+pub(crate) fn available_levels() -> Vec<SimdLevel> {
     let mut v = vec![SimdLevel::Portable];
     let best = best_level();
     if best != SimdLevel::Portable {

@@ -35,7 +35,8 @@ pub(super) fn sq_k(lanes: &mut [f64; 8], a: &[f32], b: &[f32]) {
 ///
 /// # Panics
 /// If `a.len() != b.len()`.
-pub fn sum_sq_diff(a: &[f32], b: &[f32]) -> f64 {
+#[cfg(test)]
+pub(crate) fn sum_sq_diff(a: &[f32], b: &[f32]) -> f64 {
     let mut s = SqDiffAcc::new();
     s.add(a, b);
     s.sum()
@@ -45,7 +46,7 @@ pub fn sum_sq_diff(a: &[f32], b: &[f32]) -> f64 {
 /// any sizes gives exactly the bits of one call over the whole tensor (element i always goes to
 /// lane i mod 8, counting across chunks).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct SqDiffAcc {
+pub(crate) struct SqDiffAcc {
     lanes: [f64; 8],
     n: u64,
 }
@@ -57,6 +58,7 @@ impl SqDiffAcc {
     }
 
     /// Number of elements added so far.
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.n
     }
@@ -191,7 +193,7 @@ pub fn sum_sq_diff_bytes(dtype_a: DType, a: &[u8], dtype_b: DType, b: &[u8]) -> 
 /// The sign of the δ statistic sqrt(Σ (a−b)²)/sqrt(n) between two tensors of one dtype,
 /// decided without computing it: what δ = 0 needs ("is the statistic above 0?").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DiffSign {
+pub(crate) enum DiffSign {
     /// Every element pair is numerically equal (±0 count as equal): the statistic is 0.
     Zero,
     /// Some pair differs and no NaN arises: the statistic is positive.
@@ -216,7 +218,12 @@ pub(super) fn sign_bits(a: u32, b: u32, mag: u32, inf: u32) -> u8 {
 /// [`DiffSign`] of two tensors of the same dtype's stored values (FP8 codes without scales),
 /// in one pass over the bytes. Exactly the sign of [`sum_sq_diff_bytes`] (tests check this);
 /// `None` when the dtypes differ or are not mixable (compute the statistic instead).
-pub fn diff_sign_bytes(dtype_a: DType, a: &[u8], dtype_b: DType, b: &[u8]) -> Option<DiffSign> {
+pub(crate) fn diff_sign_bytes(
+    dtype_a: DType,
+    a: &[u8],
+    dtype_b: DType,
+    b: &[u8],
+) -> Option<DiffSign> {
     if dtype_a != dtype_b || a.len() != b.len() {
         return None;
     }
@@ -282,7 +289,7 @@ pub fn diff_sign_bytes(dtype_a: DType, a: &[u8], dtype_b: DType, b: &[u8]) -> Op
 }
 
 /// The sign of a computed statistic sum (the reference [`diff_sign_bytes`] is tested against).
-pub fn sign_of_sum(sum: f64) -> DiffSign {
+pub(crate) fn sign_of_sum(sum: f64) -> DiffSign {
     if sum.is_nan() {
         DiffSign::NaN
     } else if sum > 0.0 {

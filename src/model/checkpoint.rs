@@ -16,9 +16,9 @@ use crate::error::{Error, Result};
 use crate::model::dtype::DType;
 
 /// Name of the sharded checkpoint index.
-pub const INDEX_NAME: &str = "model.safetensors.index.json";
+pub(crate) const INDEX_NAME: &str = "model.safetensors.index.json";
 /// Name of a single-file checkpoint.
-pub const SINGLE_NAME: &str = "model.safetensors";
+pub(crate) const SINGLE_NAME: &str = "model.safetensors";
 /// Largest header accepted (the safetensors crate uses the same bound).
 const MAX_HEADER: u64 = 100_000_000;
 

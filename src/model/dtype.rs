@@ -18,6 +18,7 @@ pub enum DType {
 }
 
 /// Dtypes aoe stores and copies but never interpolates.
+#[allow(missing_docs)] // the variants are the safetensors dtype names
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OtherDType {
     Bool,

@@ -179,7 +179,7 @@ fn install() {
 
 /// Runs `f`, which reads file mappings; returns its result and the address of the first read
 /// that fell past a file's end (its page read as zeros), if any.
-pub fn guarded<R>(f: impl FnOnce() -> R) -> (R, Option<usize>) {
+pub(crate) fn guarded<R>(f: impl FnOnce() -> R) -> (R, Option<usize>) {
     INSTALL.call_once(install);
     struct Reset;
     impl Drop for Reset {

@@ -10,14 +10,14 @@ use crate::model::checkpoint::{Checkpoint, Shard, TensorInfo};
 use crate::model::dtype::{DType, OtherDType};
 
 /// Suffix of an FP8 weight's block-scale companion.
-pub const SCALE_SUFFIX: &str = "_scale_inv";
+pub(crate) const SCALE_SUFFIX: &str = "_scale_inv";
 /// Suffix of an MXFP4 weight's packed E2M1 codes (U8 `[..., G, 16]`, 32 values per block).
-pub const MX_BLOCKS_SUFFIX: &str = "_blocks";
+pub(crate) const MX_BLOCKS_SUFFIX: &str = "_blocks";
 /// Suffix of an MXFP4 weight's E8M0 block exponents (U8 `[..., G]`), beside `X_blocks`.
-pub const MX_SCALES_SUFFIX: &str = "_scales";
+pub(crate) const MX_SCALES_SUFFIX: &str = "_scales";
 
 /// The value shape of MXFP4 blocks of shape `[..., G, 16]`: `[..., G * 32]`.
-pub fn mx_value_shape(blocks: &[usize]) -> Option<Vec<usize>> {
+pub(crate) fn mx_value_shape(blocks: &[usize]) -> Option<Vec<usize>> {
     let (&last, rest) = blocks.split_last()?;
     let (&g, lead) = rest.split_last()?;
     (last == 16).then_some(())?;

@@ -36,11 +36,11 @@ use crate::synth::{Child, Engine, EngineOptions, FileKind};
 /// Inode of the root directory.
 pub const ROOT: u64 = 1;
 /// The extended attribute holding the status report (JSON), on the root and variant directories.
-pub const STATUS_XATTR: &str = "user.aoe.status";
+pub(crate) const STATUS_XATTR: &str = "user.aoe.status";
 /// Largest status report served (the kernel's limit on an attribute value is 64 KiB).
 const STATUS_MAX: usize = 60 << 10;
 /// Preferred I/O size reported by stat (readers size their buffers from it).
-pub const BLKSIZE: u32 = 1 << 20;
+pub(crate) const BLKSIZE: u32 = 1 << 20;
 
 /// Errors of filesystem operations; the adapter turns them into errnos ([`FsError::errno`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +139,7 @@ pub struct MountEngineOptions {
 /// The chunk size a mount uses for a cache of `cache_bytes`: small enough that a small cache
 /// holds many chunks and that each worker's scratch (an f32 per element) stays small, large
 /// enough that per-chunk overhead vanishes. 1/64 of the budget, between 128 KiB and 1 MiB.
-pub fn mount_chunk_bytes(cache_bytes: usize) -> usize {
+pub(crate) fn mount_chunk_bytes(cache_bytes: usize) -> usize {
     (cache_bytes / 64).clamp(128 << 10, 1 << 20)
 }
 
@@ -972,7 +972,7 @@ pub fn log(msg: &str) {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub fn timestamp(t: SystemTime) -> String {
+pub(crate) fn timestamp(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
@@ -999,7 +999,7 @@ pub fn timestamp(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synth::Span;
+    use crate::synth::child::Span;
     use crate::testkit::{write_family, FamilySpec, FixtureDType};
 
     fn tiny_family(dir: &Path) -> Vec<PathBuf> {

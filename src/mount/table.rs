@@ -47,7 +47,7 @@ fn unescape(s: &str) -> Vec<u8> {
 }
 
 /// Parses mountinfo text.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     let mut out = Vec::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
@@ -197,7 +197,7 @@ pub fn unmount(p: &Path) -> Result<String> {
 }
 
 /// Sets the `read_ahead_kb` of the mount at `p`'s backing device.
-pub fn set_read_ahead(p: &Path, kb: u32) -> Result<PathBuf> {
+pub(crate) fn set_read_ahead(p: &Path, kb: u32) -> Result<PathBuf> {
     let m = mount_at(p).ok_or_else(|| mnt_error(p, "is not a mount point"))?;
     let knob = PathBuf::from(format!(
         "/sys/class/bdi/{}:{}/read_ahead_kb",

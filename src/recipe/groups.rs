@@ -114,7 +114,7 @@ impl fmt::Display for Group {
 }
 
 /// The decoder layer a tensor name belongs to (`model.layers.N.`), if any.
-pub fn layer_of(name: &str) -> Option<u32> {
+pub(crate) fn layer_of(name: &str) -> Option<u32> {
     let rest = name.split("layers.").nth(1)?;
     let digits: &str = &rest[..rest
         .find(|c: char| !c.is_ascii_digit())

@@ -7,7 +7,8 @@ mod groups;
 pub mod plan;
 pub mod stats;
 
-pub use groups::{layer_of, Group};
+pub(crate) use groups::layer_of;
+pub use groups::Group;
 
 use std::path::{Path, PathBuf};
 

@@ -88,7 +88,7 @@ pub struct Plan {
 
 /// The units of a checkpoint: each `X_scale_inv` whose `X` exists joins `X`, and each
 /// `X_scales` whose `X_blocks` exists joins `X_blocks`.
-pub fn units_of(models: &Models) -> Vec<Unit> {
+pub(crate) fn units_of(models: &Models) -> Vec<Unit> {
     let base = models.base();
     let mut names: Vec<&str> = base
         .shards

@@ -17,7 +17,12 @@ use crate::recipe::Metric;
 const STAT_ROWS: usize = kernels::FP8_BLOCK;
 
 /// Computes the normalized difference of weight `name` between the base and model `i`.
-pub fn normalized_diff(models: &Models, i: usize, name: &str, metric: Metric) -> Result<f64> {
+pub(crate) fn normalized_diff(
+    models: &Models,
+    i: usize,
+    name: &str,
+    metric: Metric,
+) -> Result<f64> {
     let a = models.source(0, name)?;
     let b = models.source(i, name)?;
     if a.is_mxfp4() {
@@ -117,7 +122,7 @@ fn mxfp4_diff(a: &TensorSource<'_>, b: &TensorSource<'_>, metric: Metric) -> Res
 /// Whether the stored-value statistic between the base and model `i` is zero, positive or NaN,
 /// without computing it when the dtypes agree (one compare pass instead of f64 squares):
 /// all that δ = 0 needs.
-pub fn stored_diff_sign(models: &Models, i: usize, name: &str) -> Result<kernels::DiffSign> {
+pub(crate) fn stored_diff_sign(models: &Models, i: usize, name: &str) -> Result<kernels::DiffSign> {
     let a = models.source(0, name)?;
     let b = models.source(i, name)?;
     if a.info.dtype != b.info.dtype || !a.info.dtype.is_mixable() {
@@ -182,7 +187,7 @@ fn dequantize(
 }
 
 /// Maximum with NaN propagating (numpy semantics): one NaN donor keeps the base.
-pub fn nan_max(a: f64, b: f64) -> f64 {
+pub(crate) fn nan_max(a: f64, b: f64) -> f64 {
     if a.is_nan() || b.is_nan() {
         f64::NAN
     } else {

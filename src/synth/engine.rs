@@ -11,9 +11,6 @@ use crate::recipe::plan::UnitIndex;
 use crate::recipe::stats::StatsStore;
 use crate::synth::cache::ChunkCache;
 
-/// Default target size of a computed chunk, in output bytes.
-pub const DEFAULT_CHUNK_BYTES: usize = 4 << 20;
-
 /// How an engine is built.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {

@@ -6,12 +6,13 @@
 //! [`layout`] is the one rule for which; everything that reads a child asks it.
 
 pub mod cache;
-mod child;
+pub(crate) mod child;
 mod compute;
 mod engine;
 pub mod layout;
 pub mod prefetch;
 
-pub use child::{Child, ChildFile, FileKind, Span};
-pub use engine::{Engine, EngineOptions, DEFAULT_CHUNK_BYTES};
-pub use layout::{Layout, TensorBytes};
+pub use child::Child;
+pub(crate) use child::FileKind;
+pub use engine::{Engine, EngineOptions};
+pub(crate) use layout::TensorBytes;

@@ -62,7 +62,7 @@ impl PrefetchConfig {
 
 /// What the planner knows about one open file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SeqState {
+pub(crate) struct SeqState {
     /// Where the reader is expected to read next (the furthest end seen in this streak).
     pub next: u64,
     /// Sequential reads in a row (0 before the first read).
@@ -115,7 +115,7 @@ impl SeqState {
 
 /// Counters of the executor.
 #[derive(Debug, Default)]
-pub struct PrefetchCounters {
+pub(crate) struct PrefetchCounters {
     /// Jobs accepted.
     pub jobs: AtomicU64,
     /// Jobs dropped because the queue or the byte bound was full.
@@ -127,7 +127,7 @@ pub struct PrefetchCounters {
 }
 
 /// Largest range one prefetch job warms.
-pub const JOB_BYTES: u64 = 4 << 20;
+pub(crate) const JOB_BYTES: u64 = 4 << 20;
 
 struct Job {
     child: Arc<Child>,
@@ -137,7 +137,7 @@ struct Job {
 }
 
 /// A bounded pool of prefetch threads.
-pub struct Prefetcher {
+pub(crate) struct Prefetcher {
     tx: Mutex<Option<SyncSender<Job>>>,
     pending: Arc<AtomicU64>,
     limit: u64,
@@ -249,7 +249,7 @@ fn worker(rx: &Mutex<Receiver<Job>>, pending: &AtomicU64, counters: &PrefetchCou
 /// needs that are neither cached nor being computed, and asks the kernel to read ahead the
 /// parents' bytes served verbatim. Returns the bytes computed. Reads nothing into memory
 /// otherwise, and never changes what a read returns (chunks are a pure function of the recipe).
-pub fn warm(child: &Child, file: usize, offset: u64, len: u64) -> Result<u64> {
+pub(crate) fn warm(child: &Child, file: usize, offset: u64, len: u64) -> Result<u64> {
     let Some(f) = child.files.get(file) else {
         return Ok(0);
     };
