@@ -308,10 +308,17 @@ fn check_one_hot_group(family: &str, group: &str) {
 /// `--lambda 0.3` (subset full) byte for byte against `aoe_ref.py write` of the recipe written here.
 fn check_lambda_matches_reference(family: &str) {
     let (base, parent) = fam(family);
+    check_mix_matches_reference(family, &base, &parent, [0.7, 0.3]);
+}
+
+/// `aoe write --weights W` of BASE + PARENT equals the reference's child, tensor by tensor.
+fn check_mix_matches_reference(family: &str, base: &Path, parent: &Path, w: [f64; 2]) {
+    let (base, parent) = (base.to_path_buf(), parent.to_path_buf());
     let tmp = tmpdir();
-    let child = write_child(tmp.path(), "child", &base, &parent, &["--lambda", "0.3"]);
+    let weights = format!("{},{}", w[0], w[1]);
+    let child = write_child(tmp.path(), "child", &base, &parent, &["--weights", &weights]);
     let recipe = json!({
-        "base": s(&base), "parents": [s(&parent)], "weights": [0.7, 0.3], "delta": 0.0,
+        "base": s(&base), "parents": [s(&parent)], "weights": w, "delta": 0.0,
         "subset": ["full"], "rules": [], "metric": "stored",
     });
     let rp = tmp.path().join("recipe.json");
@@ -343,7 +350,7 @@ fn check_lambda_matches_reference(family: &str) {
         .collect();
     assert!(
         wrong.is_empty(),
-        "{family} --lambda 0.3: {} of {} tensors differ from the reference:\n  {}",
+        "{family} --weights {weights}: {} of {} tensors differ from the reference:\n  {}",
         wrong.len(),
         r.len(),
         wrong.join("\n  ")
@@ -485,6 +492,17 @@ family_tests! {
     gpt_oss_mxfp4 => "gpt-oss-mxfp4",
     deepseek_v3 => "deepseek-v3",
     glm4_moe => "glm4-moe",
+}
+
+/// A BF16 parent mixed with an MXFP4 base, as a BF16 parent mixes with an FP8 base: λ mixes
+/// and a one-hot weight on the BF16 parent (computed and requantized, not copied).
+#[test]
+fn gpt_oss_mxfp4_base_with_a_bf16_parent_matches_the_reference() {
+    let d = families().join("gpt-oss-mxfp4");
+    let (base, parent) = (d.join("base"), d.join("parent-bf16"));
+    for w in [[0.7, 0.3], [0.0, 1.0]] {
+        check_mix_matches_reference("gpt-oss-mxfp4 + bf16", &base, &parent, w);
+    }
 }
 
 #[test]

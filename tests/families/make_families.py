@@ -121,8 +121,10 @@ def write_mxfp4(out):
     src_fam = os.path.join(out, "gpt-oss")
     d = os.path.join(out, MXFP4)
     shutil.rmtree(d, ignore_errors=True)
-    for role in ("base", "parent"):
-        src, dst = os.path.join(src_fam, role), os.path.join(d, role)
+    # parent-bf16: the parent with its experts as plain BF16 of the blocks' value shape (the
+    # Hub's [E, out, in] order), for "a BF16 parent mixed with an MXFP4 base".
+    for role, src_role in (("base", "base"), ("parent", "parent"), ("parent-bf16", "parent")):
+        src, dst = os.path.join(src_fam, src_role), os.path.join(d, role)
         os.makedirs(dst)
         with open(os.path.join(src, "model.safetensors.index.json")) as f:
             index = json.load(f)
@@ -136,6 +138,9 @@ def write_mxfp4(out):
                     if re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", n):
                         # transformers keeps [E, in, out]; the Hub stores [E, out, in/32, 16]
                         x = t.to(torch.float32).transpose(1, 2).contiguous().numpy()
+                        if role == "parent-bf16":
+                            tensors[n] = x.astype(ml_dtypes.bfloat16)
+                            continue
                         blocks, scales = aoe_ref.mxfp4_encode(x)
                         tensors[n + "_blocks"] = blocks
                         tensors[n + "_scales"] = scales
