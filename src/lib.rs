@@ -14,6 +14,7 @@ pub mod model;
 pub mod mount;
 pub mod recipe;
 pub mod synth;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod write;
 

@@ -1,4 +1,8 @@
-//! Generators of small DeepSeek-V3-shaped model families for tests, demos and benchmarks.
+//! Generators of small DeepSeek-V3-shaped model families for tests, demos and benchmarks
+//! (cargo feature `testkit`, on by default). It reads checkpoints with the project's one
+//! reader, classifies tensors with the one group table and dispatches SIMD with the kernels'
+//! macro; its element codecs are its own on purpose, so a fixture cannot share a codec bug
+//! with the code it tests.
 //!
 //! A *family* is a set of sibling checkpoints (`m1`, `m2`, …) that share one architecture and
 //! descend from one random ancestor, like DeepSeek-V3-0324 and R1 descend from V3-Base. Every
@@ -63,14 +67,17 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
+use crate::kernels::{multiversion, simd_level};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::dtype::DType;
+use crate::recipe::Group;
 
 /// FP8 block edge (DeepSeek-V3 `weight_block_size`).
 const BLOCK: usize = 128;
@@ -148,52 +155,14 @@ impl TensorSpec {
     }
 }
 
-/// Tensor group of DESIGN §2 (first match wins), as far as the generator needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Group {
-    Experts,
-    Shared,
-    Router,
-    Norms,
-    Attention,
-    DenseMlp,
-    Embeddings,
-    Other,
-}
-
+/// The group of a tensor name: the project's one table of rules.
 fn group_of(name: &str) -> Group {
-    if name.contains(".mlp.experts.") || name.contains(".block_sparse_moe.experts.") {
-        Group::Experts
-    } else if name.contains(".mlp.shared_experts.") {
-        Group::Shared
-    } else if name.ends_with(".mlp.gate.weight")
-        || name.ends_with(".mlp.gate.e_score_correction_bias")
-    {
-        Group::Router
-    } else if name.ends_with("norm.weight") {
-        Group::Norms
-    } else if name.contains(".self_attn.") {
-        Group::Attention
-    } else if name.contains(".mlp.gate_proj.")
-        || name.contains(".mlp.up_proj.")
-        || name.contains(".mlp.down_proj.")
-    {
-        Group::DenseMlp
-    } else if name.ends_with("embed_tokens.weight")
-        || name.ends_with("lm_head.weight")
-        || name.ends_with("shared_head.head.weight")
-    {
-        Group::Embeddings
-    } else {
-        Group::Other
-    }
+    Group::of(name)
 }
 
 /// The decoder layer index of `model.layers.{i}.…`.
 fn layer_of(name: &str) -> Option<usize> {
-    let rest = name.strip_prefix("model.layers.")?;
-    let end = rest.find('.')?;
-    rest[..end].parse().ok()
+    crate::recipe::layer_of(name).map(|l| l as usize)
 }
 
 impl FamilySpec {
@@ -539,7 +508,7 @@ impl FamilySpec {
         });
         let base = match group_of(name) {
             Group::Experts => 0.3 + 2.7 * q,
-            Group::Shared => 0.35 + 1.4 * q,
+            Group::SharedExperts => 0.35 + 1.4 * q,
             Group::Router => 0.8 + 1.2 * q,
             Group::Norms => 0.3,
             Group::Attention => 2.4 - 1.8 * p,
@@ -801,71 +770,12 @@ fn f32_to_bf16_bits(x: f32) -> u16 {
     }
 }
 
-/// Instruction sets the hot loops are compiled for (chosen once at run time). Every variant
-/// computes bit-identical results: integer hashing, and f32 operations without contraction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    Scalar,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-fn isa() -> Isa {
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512dq")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512bw")
-            {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Scalar
-    })
-}
-
-/// Defines `fn $name` whose body is compiled three times (baseline, AVX2, AVX-512) and
-/// dispatched on [`isa`].
-macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        fn $name($($a: $t),*) {
-            #[inline(always)]
-            fn body($($a: $t),*) $body
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bw,avx2")]
-            unsafe fn v512($($a: $t),*) {
-                body($($a),*)
-            }
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2")]
-            unsafe fn v256($($a: $t),*) {
-                body($($a),*)
-            }
-            match isa() {
-                // SAFETY: `isa` detected these CPU features at run time.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { v512($($a),*) },
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { v256($($a),*) },
-                Isa::Scalar => body($($a),*),
-            }
-        }
-    };
-}
+// The hot loops below are compiled for every SIMD level with the kernels' dispatch macro;
+// integer hashing and uncontracted f32 operations give identical bytes on every level.
 
 multiversion! {
     /// `out[j] = mu + sigma · normal(key, i0 + j)`.
-    fn gen_normals(out: &mut [f32], key: u64, i0: u64, mu: f32, sigma: f32) {
+    fn gen_normals<LV>(out: &mut [f32], key: u64, i0: u64, mu: f32, sigma: f32) {
         for (j, o) in out.iter_mut().enumerate() {
             *o = mu + sigma * normal_at(key, i0 + j as u64);
         }
@@ -874,7 +784,7 @@ multiversion! {
 
 multiversion! {
     /// `out[j] = base[j] + scale · normal(key, i0 + j)`.
-    fn add_normals(out: &mut [f32], base: &[f32], key: u64, i0: u64, scale: f32) {
+    fn add_normals<LV>(out: &mut [f32], base: &[f32], key: u64, i0: u64, scale: f32) {
         for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
             *o = b + scale * normal_at(key, i0 + j as u64);
         }
@@ -883,7 +793,7 @@ multiversion! {
 
 multiversion! {
     /// Little-endian BF16 bytes of `vals`.
-    fn encode_bf16(vals: &[f32], out: &mut [u8]) {
+    fn encode_bf16<LV>(vals: &[f32], out: &mut [u8]) {
         for (o, &x) in out.chunks_exact_mut(2).zip(vals) {
             o.copy_from_slice(&f32_to_bf16_bits(x).to_le_bytes());
         }
@@ -893,7 +803,7 @@ multiversion! {
 multiversion! {
     /// Quantizes `rows × cols` values (rows starting on a block boundary) to E4M3 codes per
     /// 128×128 block; appends one F32 scale per block (row-major) to `scales` as LE bytes.
-    fn quantize_band(
+    fn quantize_band<LV>(
         vals: &[f32],
         cols: usize,
         codes: &mut [u8],
@@ -1229,7 +1139,7 @@ impl FamilyWriter<'_> {
             let n = (r1 - r0) * u.cols;
             s.anc.clear();
             s.anc.resize(n, 0.0);
-            gen_normals(&mut s.anc, u.key, i0 as u64, u.mu, u.sigma);
+            gen_normals(simd_level(), &mut s.anc, u.key, i0 as u64, u.mu, u.sigma);
             let dtype = self.tensors[u.w].dtype;
             let esize = dtype.size();
             for (k, &nz) in u.noise.iter().enumerate() {
@@ -1239,15 +1149,20 @@ impl FamilyWriter<'_> {
                 } else {
                     let key = mix64(u.key ^ (k as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
                     s.vals.resize(n, 0.0);
-                    add_normals(&mut s.vals, &s.anc, key, i0 as u64, nz);
+                    add_normals(simd_level(), &mut s.vals, &s.anc, key, i0 as u64, nz);
                 }
                 s.out.clear();
                 s.out.resize(n * esize, 0);
                 match dtype {
-                    DType::F8E4M3 => {
-                        quantize_band(&s.vals, u.cols, &mut s.out, &mut s.amax, &mut s.scales)
-                    }
-                    DType::BF16 => encode_bf16(&s.vals, &mut s.out),
+                    DType::F8E4M3 => quantize_band(
+                        simd_level(),
+                        &s.vals,
+                        u.cols,
+                        &mut s.out,
+                        &mut s.amax,
+                        &mut s.scales,
+                    ),
+                    DType::BF16 => encode_bf16(simd_level(), &s.vals, &mut s.out),
                     DType::F32 => {
                         for (o, &x) in s.out.chunks_exact_mut(4).zip(&s.vals) {
                             o.copy_from_slice(&x.to_le_bytes());
@@ -1542,94 +1457,25 @@ struct SrcTensor {
     off: u64,
 }
 
-/// Reads the headers of every shard of `dir` (the index's files, or all `*.safetensors`).
-fn read_checkpoint(dir: &Path) -> io::Result<(Vec<File>, Vec<SrcTensor>)> {
-    let index_path = dir.join(INDEX_NAME);
-    let mut names: Vec<String> = if index_path.exists() {
-        let v: Value = serde_json::from_slice(&fs::read(&index_path)?)
-            .map_err(|e| invalid_data(format!("{}: {e}", index_path.display())))?;
-        let wm = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| invalid_data(format!("{}: no weight_map", index_path.display())))?;
-        let set: HashSet<String> = wm
-            .values()
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
-        set.into_iter().collect()
-    } else {
-        let mut v = Vec::new();
-        for e in fs::read_dir(dir)? {
-            let name = e?.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".safetensors") && !name.starts_with('.') {
-                v.push(name);
-            }
-        }
-        v
-    };
-    names.sort();
-    let mut files = Vec::with_capacity(names.len());
+/// The tensors of an existing checkpoint, read with the project's one checkpoint reader (so
+/// its headers get the same validation as a parent's).
+fn read_checkpoint(dir: &Path) -> io::Result<(Checkpoint, Vec<SrcTensor>)> {
+    let ck = Checkpoint::open(dir).map_err(|e| invalid_data(e.to_string()))?;
     let mut tensors = Vec::new();
-    for (fi, name) in names.iter().enumerate() {
-        let path = dir.join(name);
-        let mut f = File::open(&path)?;
-        let flen = f.metadata()?.len();
-        let mut nb = [0u8; 8];
-        f.read_exact(&mut nb)?;
-        let n = u64::from_le_bytes(nb);
-        if n > 100_000_000 || 8 + n > flen {
-            return Err(invalid_data(format!(
-                "{}: bad header length {n}",
-                path.display()
-            )));
-        }
-        let mut hb = vec![0u8; n as usize];
-        f.read_exact(&mut hb)?;
-        let h: Map<String, Value> = serde_json::from_slice(&hb)
-            .map_err(|e| invalid_data(format!("{}: header: {e}", path.display())))?;
-        for (tname, info) in h {
-            if tname == "__metadata__" {
-                continue;
-            }
-            let bad = || invalid_data(format!("{}: tensor {tname}: bad entry", path.display()));
-            let dtype = info
-                .get("dtype")
-                .and_then(Value::as_str)
-                .and_then(DType::parse)
-                .ok_or_else(bad)?;
-            let shape: Vec<usize> = info
-                .get("shape")
-                .and_then(Value::as_array)
-                .ok_or_else(bad)?
-                .iter()
-                .map(|d| d.as_u64().map(|d| d as usize))
-                .collect::<Option<_>>()
-                .ok_or_else(bad)?;
-            let offs = info
-                .get("data_offsets")
-                .and_then(Value::as_array)
-                .ok_or_else(bad)?;
-            let (s, e) = match offs.as_slice() {
-                [s, e] => (s.as_u64().ok_or_else(bad)?, e.as_u64().ok_or_else(bad)?),
-                _ => return Err(bad()),
-            };
-            let spec = TensorSpec {
-                name: tname.clone(),
-                dtype,
-                shape,
-            };
-            if e < s || e - s != spec.nbytes() || 8 + n + e > flen {
-                return Err(bad());
-            }
+    for (fi, shard) in ck.shards.iter().enumerate() {
+        for t in &shard.tensors {
             tensors.push(SrcTensor {
-                spec,
+                spec: TensorSpec {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                },
                 file: fi,
-                off: 8 + n + s,
+                off: t.start,
             });
         }
-        files.push(f);
     }
-    Ok((files, tensors))
+    Ok((ck, tensors))
 }
 
 /// How one output tensor of the BF16 copy is produced.
@@ -1698,7 +1544,7 @@ pub fn write_bf16_copy(src: &Path, dst: &Path) -> io::Result<()> {
     fs::create_dir_all(dst)?;
     let sizes: Vec<u64> = out_tensors.iter().map(TensorSpec::nbytes).collect();
     let order: Vec<usize> = (0..out_tensors.len()).collect();
-    let groups = split_even(&order, &sizes, src_files.len() + 1);
+    let groups = split_even(&order, &sizes, src_files.shards.len() + 1);
     let shards = plan_shards(&out_tensors, groups, 5, true);
     let locs = locations(out_tensors.len(), &shards);
     let open = OpenShards::create(dst, &shards)?;
@@ -1740,7 +1586,9 @@ pub fn write_bf16_copy(src: &Path, dst: &Path) -> io::Result<()> {
                         let st = &src_tensors[i];
                         s.out.clear();
                         s.out.resize(b - a, 0);
-                        src_files[st.file].read_exact_at(&mut s.out, st.off + a as u64)?;
+                        src_files.shards[st.file]
+                            .file
+                            .read_exact_at(&mut s.out, st.off + a as u64)?;
                         out_file.write_all_at(&s.out, loc.off + a as u64)
                     }
                     CopySrc::Dequant { w, s: si } => {
@@ -1750,7 +1598,8 @@ pub fn write_bf16_copy(src: &Path, dst: &Path) -> io::Result<()> {
                         let n = (b - a) * cols;
                         s.scales.clear();
                         s.scales.resize(n, 0);
-                        src_files[st.file]
+                        src_files.shards[st.file]
+                            .file
                             .read_exact_at(&mut s.scales, st.off + (a * cols) as u64)?;
                         let nrb = (b - a).div_ceil(BLOCK);
                         s.deq.clear();
@@ -1759,7 +1608,9 @@ pub fn write_bf16_copy(src: &Path, dst: &Path) -> io::Result<()> {
                             let sc = &src_tensors[si];
                             let mut raw = vec![0u8; nrb * nbc * 4];
                             let off = sc.off + ((a / BLOCK) * nbc * 4) as u64;
-                            src_files[sc.file].read_exact_at(&mut raw, off)?;
+                            src_files.shards[sc.file]
+                                .file
+                                .read_exact_at(&mut raw, off)?;
                             for (d, c) in s.deq.iter_mut().zip(raw.chunks_exact(4)) {
                                 *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                             }
@@ -1983,9 +1834,9 @@ mod tests {
         let cols = 333;
         let n = 300 * cols;
         let mut anc = vec![0f32; n];
-        gen_normals(&mut anc, 77, 1000, 0.5, 0.1);
+        gen_normals(simd_level(), &mut anc, 77, 1000, 0.5, 0.1);
         let mut vals = vec![0f32; n];
-        add_normals(&mut vals, &anc, 78, 1000, 0.01);
+        add_normals(simd_level(), &mut vals, &anc, 78, 1000, 0.01);
         for j in 0..n {
             let a = 0.5 + 0.1 * normal_at(77, 1000 + j as u64);
             assert_eq!(anc[j].to_bits(), a.to_bits());
@@ -1995,13 +1846,20 @@ mod tests {
             );
         }
         let mut bf = vec![0u8; 2 * n];
-        encode_bf16(&vals, &mut bf);
+        encode_bf16(simd_level(), &vals, &mut bf);
         for (j, &v) in vals.iter().enumerate() {
             let got = u16::from_le_bytes([bf[2 * j], bf[2 * j + 1]]);
             assert_eq!(got, half::bf16::from_f32(v).to_bits());
         }
         let (mut codes, mut amax, mut scales) = (vec![0u8; n], Vec::new(), Vec::new());
-        quantize_band(&vals, cols, &mut codes, &mut amax, &mut scales);
+        quantize_band(
+            simd_level(),
+            &vals,
+            cols,
+            &mut codes,
+            &mut amax,
+            &mut scales,
+        );
         let nbc = cols.div_ceil(128);
         assert_eq!(scales.len(), 3 * nbc * 4);
         for rb in 0..3 {

@@ -169,7 +169,7 @@ fn shard_files(dir: &Path) -> Vec<String> {
 }
 
 /// The unit's weight of a tensor: X_scales -> X_blocks, W_scale_inv -> W (when both exist).
-fn weight_of<'a>(name: &'a str, all: &BTreeMap<String, Tensor>) -> String {
+fn weight_of(name: &str, all: &BTreeMap<String, Tensor>) -> String {
     if let Some(x) = name.strip_suffix("_scales") {
         if all.contains_key(&format!("{x}_blocks")) {
             return format!("{x}_blocks");

@@ -417,6 +417,21 @@ fn threads_cache_size_chunking_and_read_order_do_not_change_bytes() {
             }
             assert!(got == want, "{label}: {n} differs from the written child");
         }
+        // Prefetch ran where it was asked for (bytes alone would not show it), and not where
+        // it was turned off.
+        let pf = g.status()["prefetch"].clone();
+        if extra.contains(&"--prefetch") {
+            assert!(
+                pf["jobs"].as_u64().unwrap_or(0) > 0,
+                "{label}: prefetch asked for but no job ran: {pf}"
+            );
+            assert_eq!(pf["errors"], 0, "{label}: {pf}");
+        } else {
+            assert!(
+                pf.is_null() || pf["jobs"] == 0,
+                "{label}: prefetch turned off but ran: {pf}"
+            );
+        }
     }
 }
 

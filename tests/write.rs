@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use aoe::testkit::FixtureDType;
 use common::*;
 
-/// Writes the child with `aoe write`, then with the reference from the child's own
-/// `aoe_recipe.json`, and compares every file. Returns the Rust child's directory.
+/// Writes the child with `aoe write ARGS`, then with the reference from a recipe built from
+/// the same ARGS by the test (never from the child's own `aoe_recipe.json`, which could carry
+/// a bug of aoe's into the reference), and compares every file. Returns the Rust child's
+/// directory.
 fn write_and_compare(tmp: &Path, label: &str, args: &[&str]) -> PathBuf {
     let out = tmp.join(format!("{label}-rust"));
     let mut full: Vec<&str> = vec!["write"];
@@ -21,11 +23,52 @@ fn write_and_compare(tmp: &Path, label: &str, args: &[&str]) -> PathBuf {
         out.to_str().unwrap(),
     ]);
     aoe_ok(&full);
-    let recipe = out.join("aoe_recipe.json");
+    let recipe = tmp.join(format!("{label}-recipe.json"));
+    std::fs::write(&recipe, recipe_of_flags(args).to_string()).unwrap();
     let refout = tmp.join(format!("{label}-ref"));
     reference(&["write", recipe.to_str().unwrap(), refout.to_str().unwrap()]);
     assert_same_dirs(&out, &refout, &["aoe_recipe.json"]);
     out
+}
+
+/// The reference's recipe JSON for `aoe write` recipe flags, as the docs define them.
+fn recipe_of_flags(args: &[&str]) -> serde_json::Value {
+    let nums = |v: &str| -> Vec<f64> { v.split(',').map(|x| x.parse().unwrap()).collect() };
+    let (mut base, mut parents, mut weights) = (None, Vec::new(), None);
+    let (mut delta, mut subset, mut rules, mut metric) = (0.0, Vec::new(), Vec::new(), "stored");
+    let mut it = args.iter();
+    while let Some(&flag) = it.next() {
+        let mut val = || *it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag {
+            "--base" => base = Some(val()),
+            "--parent" => parents.push(val()),
+            "--lambda" => {
+                let l: f64 = val().parse().unwrap();
+                weights = Some(vec![1.0 - l, l]);
+            }
+            "--weights" => weights = Some(nums(val())),
+            "--delta" => delta = val().parse().unwrap(),
+            "--subset" => subset.push(val()),
+            "--rule" => {
+                let (pat, w) = val().rsplit_once('=').unwrap();
+                rules.push(serde_json::json!({"pattern": pat, "weights": nums(w)}));
+            }
+            "--metric" => metric = val(),
+            other => panic!("recipe_of_flags: no reference form for {other}"),
+        }
+    }
+    if subset.is_empty() {
+        subset.push("full");
+    }
+    serde_json::json!({
+        "base": base.expect("--base"),
+        "parents": parents,
+        "weights": weights.expect("--lambda or --weights"),
+        "delta": delta,
+        "subset": subset,
+        "rules": rules,
+        "metric": metric,
+    })
 }
 
 /// Headers of every child shard are the base's, byte for byte, and parse with the

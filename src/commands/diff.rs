@@ -104,10 +104,7 @@ pub fn compute(
     let base = models.base();
     let units: Vec<_> = units_of(models)
         .into_iter()
-        .filter(|u| {
-            base.get(&u.weight)
-                .is_some_and(|(_, info)| info.dtype.is_mixable())
-        })
+        .filter(|u| models.source(0, &u.weight).is_ok_and(|s| s.mixable()))
         .collect();
     let mut jobs: Vec<Job> = units
         .iter()

@@ -76,7 +76,7 @@ mod convert;
 mod mix;
 mod mxfp4;
 pub mod scalar;
-mod simd;
+pub(crate) mod simd;
 mod stats;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -95,6 +95,8 @@ pub use mxfp4::{
     decode_mxfp4, e2m1_to_f32, e8m0_to_f32, f32_to_e2m1, mix_mxfp4, quantize_mxfp4, MxInput,
     MxSource, E8M0_NAN, MXFP4_BLOCK, MXFP4_BLOCK_BYTES,
 };
+#[cfg(any(test, feature = "testkit"))]
+pub(crate) use simd::multiversion;
 pub use simd::{available_levels, simd_level, SimdLevel};
 pub use stats::{
     diff_sign_bytes, sign_of_sum, sum_sq_diff, sum_sq_diff_bytes, DiffSign, SqDiffAcc,

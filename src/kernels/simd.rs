@@ -17,9 +17,9 @@ pub enum SimdLevel {
 static LEVEL: AtomicU8 = AtomicU8::new(0);
 
 /// Compile-time level of a kernel instance (the `const LV: u8` of the generic kernels).
-pub(super) const LV_PORTABLE: u8 = 0;
-pub(super) const LV_AVX2: u8 = 1;
-pub(super) const LV_AVX512: u8 = 2;
+pub(crate) const LV_PORTABLE: u8 = 0;
+pub(crate) const LV_AVX2: u8 = 1;
+pub(crate) const LV_AVX512: u8 = 2;
 
 /// The level the fast paths use on this machine (detected once; capped by `AOE_KERNELS`).
 pub fn simd_level() -> SimdLevel {
@@ -71,7 +71,7 @@ pub(super) fn vbmi_enabled() -> bool {
     }
 }
 
-pub(super) fn best_level() -> SimdLevel {
+pub(crate) fn best_level() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f")
@@ -151,4 +151,4 @@ macro_rules! multiversion {
         }
     };
 }
-pub(super) use multiversion;
+pub(crate) use multiversion;

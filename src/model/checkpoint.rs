@@ -276,12 +276,18 @@ impl Checkpoint {
 
 /// Reads the index: the sorted unique shard names and the name → shard map.
 fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
+    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_index(path, &text)
+}
+
+/// Parses the bytes of `model.safetensors.index.json` read from `path` (named in errors only):
+/// the sorted unique shard names and the name → shard map.
+pub fn parse_index(path: &Path, text: &[u8]) -> Result<(Vec<String>, BTreeMap<String, String>)> {
     let bad = |reason: String| Error::BadIndex {
         path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let v: Value = serde_json::from_slice(text).map_err(|e| bad(e.to_string()))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)

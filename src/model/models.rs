@@ -7,10 +7,24 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::kernels::FP8_BLOCK;
 use crate::model::checkpoint::{Checkpoint, Shard, TensorInfo};
-use crate::model::dtype::DType;
+use crate::model::dtype::{DType, OtherDType};
 
 /// Suffix of an FP8 weight's block-scale companion.
 pub const SCALE_SUFFIX: &str = "_scale_inv";
+/// Suffix of an MXFP4 weight's packed E2M1 codes (U8 `[..., G, 16]`, 32 values per block).
+pub const MX_BLOCKS_SUFFIX: &str = "_blocks";
+/// Suffix of an MXFP4 weight's E8M0 block exponents (U8 `[..., G]`), beside `X_blocks`.
+pub const MX_SCALES_SUFFIX: &str = "_scales";
+
+/// The value shape of MXFP4 blocks of shape `[..., G, 16]`: `[..., G * 32]`.
+pub fn mx_value_shape(blocks: &[usize]) -> Option<Vec<usize>> {
+    let (&last, rest) = blocks.split_last()?;
+    let (&g, lead) = rest.split_last()?;
+    (last == 16).then_some(())?;
+    let mut v = lead.to_vec();
+    v.push(g.checked_mul(32)?);
+    Some(v)
+}
 
 /// The opened checkpoints of a recipe; index 0 is the base.
 pub struct Models {
@@ -83,10 +97,35 @@ impl Models {
         let ck = self.list.get(i).ok_or_else(|| Error::Internal {
             what: format!("no model {i}"),
         })?;
-        let (shard, info) = ck.get(name).ok_or_else(|| Error::MissingTensor {
+        let missing = || Error::MissingTensor {
             parent: ck.dir.clone(),
             tensor: name.to_string(),
-        })?;
+        };
+        let Some((shard, info)) = ck.get(name) else {
+            // A parent may store an MXFP4 weight of the base (`X_blocks`) as plain `X` of the
+            // blocks' value shape: mixed like a BF16 parent of an FP8 base.
+            let (stem, base) = match (name.strip_suffix(MX_BLOCKS_SUFFIX), i > 0) {
+                (Some(stem), true) => (stem, self.source(0, name)?),
+                _ => return Err(missing()),
+            };
+            let (shard, info) = ck.get(stem).ok_or_else(missing)?;
+            let want = mx_value_shape(&base.info.shape).unwrap_or_default();
+            if base.mx_scales.is_none() || info.shape != want {
+                return Err(Error::ShapeMismatch {
+                    parent: ck.dir.clone(),
+                    tensor: stem.to_string(),
+                    base: want,
+                    other: info.shape.clone(),
+                });
+            }
+            return Ok(TensorSource {
+                model: i,
+                shard,
+                info,
+                scale: None,
+                mx_scales: None,
+            });
+        };
         if i > 0 {
             if let Some((_, b)) = self.base().get(name) {
                 if b.shape != info.shape {
@@ -118,11 +157,38 @@ impl Models {
             }
             _ => None,
         };
+        let mx_scales = match (info.dtype, name.strip_suffix(MX_BLOCKS_SUFFIX)) {
+            (DType::Other(OtherDType::U8), Some(stem)) => {
+                let scales_name = format!("{stem}{MX_SCALES_SUFFIX}");
+                match ck.get(&scales_name) {
+                    None => None,
+                    Some((ss, si)) => {
+                        let lead = info.shape.split_last().map(|(_, l)| l.to_vec());
+                        let ok = mx_value_shape(&info.shape).is_some()
+                            && si.dtype == DType::Other(OtherDType::U8)
+                            && lead.as_ref() == Some(&si.shape);
+                        if !ok {
+                            return Err(Error::BadTensor {
+                                path: ss.path.clone(),
+                                tensor: scales_name,
+                                reason: format!(
+                                    "MXFP4 scales must be U8 of shape {:?} for blocks of shape {:?} (U8, last dimension 16), found {} {:?}",
+                                    lead.unwrap_or_default(), info.shape, si.dtype, si.shape
+                                ),
+                            });
+                        }
+                        Some((ss, si))
+                    }
+                }
+            }
+            _ => None,
+        };
         Ok(TensorSource {
             model: i,
             shard,
             info,
             scale,
+            mx_scales,
         })
     }
 }
@@ -137,9 +203,57 @@ pub struct TensorSource<'a> {
     pub info: &'a TensorInfo,
     /// The `_scale_inv` companion (FP8 only).
     pub scale: Option<(&'a Shard, &'a TensorInfo)>,
+    /// The `X_scales` companion of MXFP4 blocks `X_blocks`.
+    pub mx_scales: Option<(&'a Shard, &'a TensorInfo)>,
 }
 
 impl<'a> TensorSource<'a> {
+    /// Whether this copy is MXFP4 (`X_blocks` with its `X_scales`).
+    pub fn is_mxfp4(&self) -> bool {
+        self.mx_scales.is_some()
+    }
+
+    /// Whether its values can be mixed: a float dtype, or MXFP4.
+    pub fn mixable(&self) -> bool {
+        self.info.dtype.is_mixable() || self.is_mxfp4()
+    }
+
+    /// Number of values: elements, or 32 per MXFP4 block.
+    pub fn values(&self) -> usize {
+        if self.is_mxfp4() {
+            self.info.numel().saturating_mul(2)
+        } else {
+            self.info.numel()
+        }
+    }
+
+    /// The E8M0 exponents of MXFP4 blocks `[g0, g1)`, read with pread (small; no RSS).
+    pub fn mx_scale_bytes(&self, g0: usize, g1: usize, buf: &mut Vec<u8>) -> Result<()> {
+        let Some((ss, si)) = self.mx_scales else {
+            return Err(Error::Internal {
+                what: format!("{} has no MXFP4 scales", self.info.name),
+            });
+        };
+        if g1 < g0 || g1 as u64 > si.len {
+            return Err(Error::BadTensor {
+                path: ss.path.clone(),
+                tensor: si.name.clone(),
+                reason: format!("blocks {g0}..{g1} out of bounds"),
+            });
+        }
+        buf.clear();
+        buf.resize(g1 - g0, 0);
+        use std::os::unix::fs::FileExt;
+        ss.file
+            .read_exact_at(buf, si.start + g0 as u64)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::ParentChanged {
+                    path: ss.path.clone(),
+                    tensor: si.name.clone(),
+                },
+                _ => Error::io(&ss.path, e),
+            })
+    }
     /// Offset in the tensor and length of elements `[e0, e1)`, checked against its size.
     fn byte_range(&self, e0: usize, e1: usize) -> Result<(u64, u64)> {
         let sz = self.info.dtype.size() as u64;

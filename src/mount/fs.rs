@@ -1056,12 +1056,16 @@ fn check_variant_name(name: &str) -> std::result::Result<(), String> {
 /// Parses a sweep file: a JSON object mapping variant names to recipes (JSON objects with the
 /// fields of `aoe_recipe.json`, or strings in variant-name syntax).
 pub fn read_sweep(path: &Path) -> Result<Vec<(String, RecipeSpec)>> {
+    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_sweep(path, &text)
+}
+
+/// Parses the bytes of a sweep file read from `path` (named in errors only); see [`read_sweep`].
+pub fn parse_sweep(path: &Path, text: &[u8]) -> Result<Vec<(String, RecipeSpec)>> {
     let bad = |reason: String| Error::BadRecipe {
         reason: format!("sweep file {}: {reason}", path.display()),
     };
-    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value =
-        serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let obj = v
         .as_object()
         .ok_or_else(|| bad("must be a JSON object mapping variant names to recipes".into()))?;

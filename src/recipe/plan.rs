@@ -1,7 +1,8 @@
-//! The plan: for every unit of the child (a weight and its `_scale_inv` companion), where its
-//! bytes come from. Subset, rules and dtypes are decided up front ([`Plan::new`], for `aoe
-//! write`, `aoe plan` and a single-recipe mount) or at a unit's first use ([`Plan::lazy`], for
-//! variants created by lookup: no pass over the model's units); δ always at first use.
+//! The plan: for every unit of the child (a weight and its companion: FP8 `_scale_inv`, or
+//! MXFP4 `_scales` beside `_blocks`), where its bytes come from. Subset, rules and dtypes are
+//! decided up front ([`Plan::new`], for `aoe write`, `aoe plan` and a single-recipe mount) or
+//! at a unit's first use ([`Plan::lazy`], for variants created by lookup: no pass over the
+//! model's units); δ always at first use.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::{Error, Result};
 use crate::model::dtype::DType;
-use crate::model::models::{Models, SCALE_SUFFIX};
+use crate::model::models::{Models, MX_BLOCKS_SUFFIX, MX_SCALES_SUFFIX, SCALE_SUFFIX};
 use crate::recipe::stats::StatsStore;
 use crate::recipe::{layer_of, Group, Recipe, Rule, SubsetItem};
 
@@ -18,7 +19,7 @@ use crate::recipe::{layer_of, Group, Recipe, Rule, SubsetItem};
 pub struct Unit {
     /// The weight's name.
     pub weight: String,
-    /// The base's `_scale_inv` companion, if any.
+    /// The base's companion, if any: `X_scale_inv` of `X`, or `X_scales` of `X_blocks`.
     pub scale: Option<String>,
     /// Its group (DESIGN §2).
     pub group: Group,
@@ -75,11 +76,7 @@ impl UnitIndex {
         }
         let mixable: Vec<bool> = units
             .iter()
-            .map(|u| {
-                models
-                    .source(0, &u.weight)
-                    .is_ok_and(|s| s.info.dtype.is_mixable())
-            })
+            .map(|u| models.source(0, &u.weight).is_ok_and(|s| s.mixable()))
             .collect();
         let mut mixable_per_group = BTreeMap::new();
         for (u, m) in units.iter().zip(&mixable) {
@@ -148,7 +145,8 @@ pub struct Plan {
     metric: crate::recipe::Metric,
 }
 
-/// The units of a checkpoint: each `X_scale_inv` whose `X` exists joins `X`.
+/// The units of a checkpoint: each `X_scale_inv` whose `X` exists joins `X`, and each
+/// `X_scales` whose `X_blocks` exists joins `X_blocks`.
 pub fn units_of(models: &Models) -> Vec<Unit> {
     let base = models.base();
     let mut names: Vec<&str> = base
@@ -164,7 +162,16 @@ pub fn units_of(models: &Models) -> Vec<Unit> {
                 continue;
             }
         }
-        let scale = format!("{name}{SCALE_SUFFIX}");
+        // MXFP4: `X_scales` joins `X_blocks`.
+        if let Some(stem) = name.strip_suffix(MX_SCALES_SUFFIX) {
+            if base.get(&format!("{stem}{MX_BLOCKS_SUFFIX}")).is_some() {
+                continue;
+            }
+        }
+        let scale = match name.strip_suffix(MX_BLOCKS_SUFFIX) {
+            Some(stem) => format!("{stem}{MX_SCALES_SUFFIX}"),
+            None => format!("{name}{SCALE_SUFFIX}"),
+        };
         let scale = base.get(&scale).map(|_| scale);
         units.push(Unit {
             weight: name.to_string(),
@@ -191,9 +198,7 @@ impl Plan {
         let mut selected = 0usize;
         let mut rule_used = vec![false; recipe.rules.len()];
         for u in &index.units {
-            if recipe.selects(&u.weight, u.group)
-                && models.source(0, &u.weight)?.info.dtype.is_mixable()
-            {
+            if recipe.selects(&u.weight, u.group) && models.source(0, &u.weight)?.mixable() {
                 selected += 1;
                 for (used, r) in rule_used.iter_mut().zip(&recipe.rules) {
                     *used |= r.regex.is_match(&u.weight);
@@ -416,7 +421,7 @@ fn intent(recipe: &Recipe, models: &Models, u: &Unit) -> Result<Intent> {
         return Ok(Intent::Base);
     }
     let base = models.source(0, &u.weight)?;
-    if !base.info.dtype.is_mixable() {
+    if !base.mixable() {
         return Ok(Intent::Base);
     }
     let w64 = recipe.weights_for(&u.weight);
@@ -427,7 +432,7 @@ fn intent(recipe: &Recipe, models: &Models, u: &Unit) -> Result<Intent> {
     let mut srcs = Vec::with_capacity(w.len());
     for i in 0..w.len() {
         let s = models.source(i, &u.weight)?;
-        if !s.info.dtype.is_mixable() {
+        if !s.mixable() {
             return Err(Error::UnsupportedDtype {
                 path: s.shard.path.clone(),
                 tensor: u.weight.clone(),

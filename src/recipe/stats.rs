@@ -20,6 +20,9 @@ const STAT_ROWS: usize = kernels::FP8_BLOCK;
 pub fn normalized_diff(models: &Models, i: usize, name: &str, metric: Metric) -> Result<f64> {
     let a = models.source(0, name)?;
     let b = models.source(i, name)?;
+    if a.is_mxfp4() {
+        return mxfp4_diff(&a, &b, metric);
+    }
     for s in [&a, &b] {
         if !s.info.dtype.is_mixable() {
             return Err(Error::UnsupportedDtype {
@@ -58,6 +61,55 @@ pub fn normalized_diff(models: &Models, i: usize, name: &str, metric: Metric) ->
             }
         }
         e0 = e1;
+    }
+    Ok(acc.sum().sqrt() / (numel as f64).sqrt())
+}
+
+/// The statistic of an MXFP4 base unit against a parent's copy (MXFP4 or plain floats), over
+/// values: "stored" takes the E2M1 values without their block exponents (as FP8 codes without
+/// their scales), "dequantized" the values times their exponents.
+fn mxfp4_diff(a: &TensorSource<'_>, b: &TensorSource<'_>, metric: Metric) -> Result<f64> {
+    use kernels::{MXFP4_BLOCK, MXFP4_BLOCK_BYTES};
+    let numel = a.values();
+    // 4096 blocks (128 Ki values) at a time.
+    let band = 4096 * MXFP4_BLOCK;
+    let mut acc = kernels::SqDiffAcc::new();
+    let (mut fa, mut fb) = (Vec::new(), Vec::new());
+    let (mut bufa, mut bufb, mut ea, mut eb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let values = |s: &TensorSource<'_>,
+                  v0: usize,
+                  v1: usize,
+                  buf: &mut Vec<u8>,
+                  e: &mut Vec<u8>,
+                  out: &mut Vec<f32>|
+     -> Result<()> {
+        out.clear();
+        out.resize(v1 - v0, 0.0);
+        if s.is_mxfp4() {
+            let (g0, g1) = (v0 / MXFP4_BLOCK, v1.div_ceil(MXFP4_BLOCK));
+            let blocks = s.read_elements(g0 * MXFP4_BLOCK_BYTES, g1 * MXFP4_BLOCK_BYTES, buf)?;
+            match metric {
+                Metric::Dequantized => s.mx_scale_bytes(g0, g1, e)?,
+                // Exponent 127 is 2^0: the E2M1 values as they are.
+                Metric::Stored => {
+                    e.clear();
+                    e.resize(g1 - g0, 127);
+                }
+            }
+            let _ = kernels::decode_mxfp4(blocks, e, out);
+        } else {
+            let bytes = s.read_elements(v0, v1, buf)?;
+            kernels::decode(s.info.dtype, bytes, out);
+        }
+        Ok(())
+    };
+    let mut v0 = 0;
+    while v0 < numel {
+        let v1 = (v0 + band).min(numel);
+        values(a, v0, v1, &mut bufa, &mut ea, &mut fa)?;
+        values(b, v0, v1, &mut bufb, &mut eb, &mut fb)?;
+        acc.add(&fa, &fb);
+        v0 = v1;
     }
     Ok(acc.sum().sqrt() / (numel as f64).sqrt())
 }
@@ -317,8 +369,13 @@ fn dec(v: Option<&Value>) -> Option<f64> {
 }
 
 fn load(file: &Path) -> Option<HashMap<String, [Option<f64>; 3]>> {
-    let text = std::fs::read(file).ok()?;
-    let v: Value = serde_json::from_slice(&text).ok()?;
+    parse_cache(&std::fs::read(file).ok()?)
+}
+
+/// Parses the bytes of a statistics cache file: name → [stored, dequantized, stored_sign] δ
+/// (`None` where absent or unreadable); `None` for a file that is not a JSON object.
+pub fn parse_cache(text: &[u8]) -> Option<HashMap<String, [Option<f64>; 3]>> {
+    let v: Value = serde_json::from_slice(text).ok()?;
     Some(
         v.as_object()?
             .iter()

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 
 use crate::error::{Error, Result};
-use crate::kernels::{self, FP8_BLOCK};
+use crate::kernels::{self, MxInput, MxSource, FP8_BLOCK, MXFP4_BLOCK, MXFP4_BLOCK_BYTES};
 use crate::model::dtype::DType;
 use crate::synth::cache::Chunk;
 use crate::synth::Child;
@@ -28,6 +28,9 @@ impl Child {
         let mut srcs = Vec::with_capacity(w.len());
         for i in 0..w.len() {
             srcs.push(models.source(i, &unit.weight)?);
+        }
+        if lay.mxfp4 {
+            return self.mix_chunk_mxfp4(&srcs, w, e0, e1);
         }
         let result = self.mix_chunk(&srcs, w, e0, e1, r0, r1, cols);
         for src in &srcs {
@@ -123,5 +126,79 @@ impl Child {
             data,
             scales: scale_bytes,
         })
+    }
+
+    /// Chunk of values `[e0, e1)` (whole blocks) of an MXFP4 base unit: each parent decoded its
+    /// own way (MXFP4 blocks and exponents, or a plain float copy), mixed in f32, requantized
+    /// to MXFP4 blocks and exponents.
+    fn mix_chunk_mxfp4(
+        &self,
+        srcs: &[crate::model::models::TensorSource<'_>],
+        w: &[f32],
+        e0: usize,
+        e1: usize,
+    ) -> Result<Chunk> {
+        let (g0, g1) = (e0 / MXFP4_BLOCK, e1.div_ceil(MXFP4_BLOCK));
+        let base = srcs.first().ok_or_else(|| Error::Internal {
+            what: "no models".into(),
+        })?;
+        let mut exps: Vec<Vec<u8>> = Vec::with_capacity(srcs.len());
+        let mut bytes = Vec::with_capacity(srcs.len());
+        for src in srcs {
+            let mut e = Vec::new();
+            if src.is_mxfp4() {
+                src.mx_scale_bytes(g0, g1, &mut e)?;
+                bytes.push(src.mapped_elements(g0 * MXFP4_BLOCK_BYTES, g1 * MXFP4_BLOCK_BYTES)?);
+            } else {
+                bytes.push(src.mapped_elements(e0, e1)?);
+            }
+            exps.push(e);
+        }
+        let inputs: Vec<MxInput<'_>> = srcs
+            .iter()
+            .zip(&bytes)
+            .zip(&exps)
+            .zip(w)
+            .map(|(((src, b), e), &weight)| MxInput {
+                source: if src.is_mxfp4() {
+                    MxSource::Mxfp4 {
+                        blocks: b,
+                        scales: e,
+                    }
+                } else {
+                    MxSource::Plain {
+                        dtype: src.info.dtype,
+                        bytes: b,
+                    }
+                },
+                weight,
+            })
+            .collect();
+        let nb = g1 - g0;
+        let mut data = self.engine.cache.take_buffer(nb * MXFP4_BLOCK_BYTES);
+        data.resize(nb * MXFP4_BLOCK_BYTES, 0);
+        let mut scales = self.engine.cache.take_buffer(nb);
+        scales.resize(nb, 0);
+        let (mixed, fault) =
+            crate::model::guard::guarded(|| kernels::mix_mxfp4(&inputs, &mut data, &mut scales));
+        for src in srcs {
+            if src.is_mxfp4() {
+                src.unmap_elements(g0 * MXFP4_BLOCK_BYTES, g1 * MXFP4_BLOCK_BYTES);
+            } else {
+                src.unmap_elements(e0, e1);
+            }
+        }
+        if let Some(addr) = fault {
+            let hit = srcs.iter().find(|s| s.shard.maps(addr)).unwrap_or(base);
+            hit.shard.retire();
+            return Err(Error::ParentChanged {
+                path: hit.shard.path.clone(),
+                tensor: hit.info.name.clone(),
+            });
+        }
+        mixed.map_err(|reason| Error::Internal {
+            what: format!("MXFP4 mix of {}: {reason}", base.info.name),
+        })?;
+        Ok(Chunk { data, scales })
     }
 }

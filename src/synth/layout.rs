@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::kernels::FP8_BLOCK;
+use crate::kernels::{FP8_BLOCK, MXFP4_BLOCK, MXFP4_BLOCK_BYTES};
 use crate::model::checkpoint::{Shard, TensorInfo};
 use crate::model::dtype::DType;
 use crate::recipe::plan::Source;
@@ -28,6 +28,9 @@ pub struct Layout {
     pub chunks: usize,
     /// Block rows per chunk (FP8 bands), else 0.
     pub block_rows: usize,
+    /// The base stores the unit as MXFP4: elements are values (32 per block; a chunk is
+    /// whole blocks), the weight holds half a byte per value and the scales one byte per block.
+    pub mxfp4: bool,
 }
 
 impl Layout {
@@ -40,6 +43,14 @@ impl Layout {
     /// Bytes of one chunk's share of a tensor of the unit: `per_chunk` elements of the weight
     /// (of `elem_size` bytes each), or `block_rows` rows of its f32 block scales.
     pub fn bytes_per_chunk(&self, is_scale: bool, elem_size: usize) -> u64 {
+        if self.mxfp4 {
+            let blocks = (self.per_chunk / MXFP4_BLOCK) as u64;
+            return if is_scale {
+                blocks
+            } else {
+                blocks * MXFP4_BLOCK_BYTES as u64
+            };
+        }
         if is_scale {
             (self.block_rows * self.cols.div_ceil(FP8_BLOCK) * 4) as u64
         } else {
@@ -83,13 +94,13 @@ impl Child {
                 let (ds, dt) = models.donor_copy(k, t)?;
                 Ok(TensorBytes::Verbatim(ds, dt.start))
             }
-            // A companion that is not the base's FP8 block scales is not computed: it stays the base's.
+            // A companion that is neither the base's FP8 block scales nor its MXFP4 exponents
+            // is not computed: it stays the base's.
             Source::Mix(_)
-                if is_scale
-                    && models
-                        .source(0, &self.plan.units()[u].weight)?
-                        .scale
-                        .is_none() =>
+                if is_scale && {
+                    let b = models.source(0, &self.plan.units()[u].weight)?;
+                    b.scale.is_none() && b.mx_scales.is_none()
+                } =>
             {
                 Ok(TensorBytes::Verbatim(shard, t.start))
             }
@@ -112,6 +123,21 @@ impl Child {
             what: "no such unit".into(),
         })?;
         let base = models.source(0, &unit.weight)?;
+        if base.is_mxfp4() {
+            let numel = base.values();
+            // About chunk_bytes of output: 17 bytes per block of 32 values.
+            let blocks = (self.engine.chunk_bytes / (MXFP4_BLOCK_BYTES + 1)).max(1);
+            let per_chunk = blocks * MXFP4_BLOCK;
+            return Ok(Layout {
+                rows: numel / MXFP4_BLOCK,
+                cols: MXFP4_BLOCK,
+                numel,
+                per_chunk,
+                chunks: numel.div_ceil(per_chunk).max(1),
+                block_rows: 0,
+                mxfp4: true,
+            });
+        }
         let (rows, cols) = base.info.rows_cols();
         let numel = base.info.numel();
         let banded = base.info.shape.len() == 2
@@ -137,6 +163,7 @@ impl Child {
             per_chunk,
             chunks,
             block_rows,
+            mxfp4: false,
         })
     }
 }
