@@ -285,3 +285,154 @@ fn a_new_variant_costs_no_work_proportional_to_the_model() {
     );
     assert!(g.log_text().contains("variant \"lambda=0.05\" created in"));
 }
+
+/// `--max-variants 2`: naming 5 variants in turn keeps at most 2 made by lookup live (the
+/// least recently used one without an open file is forgotten, its chunks leave the cache); a
+/// variant with an open file survives and still reads its bytes; a forgotten name works
+/// again, with identical bytes.
+#[test]
+fn live_variants_are_bounded_and_forgotten_ones_come_back() {
+    let tmp = tempdir();
+    let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 2, 106);
+    let (m1, m2) = (s(&fam[0]), s(&fam[1]));
+    let r1 = written(
+        tmp.path(),
+        "l1",
+        &["--base", m1, "--parent", m2, "--lambda", "0.1"],
+    );
+    let r2 = written(
+        tmp.path(),
+        "l2",
+        &["--base", m1, "--parent", m2, "--lambda", "0.2"],
+    );
+    let g = MountGuard::mount(
+        &tmp.path().join("mnt"),
+        &[
+            "--variants",
+            "--max-variants",
+            "2",
+            "--base",
+            m1,
+            "--parent",
+            m2,
+        ],
+    );
+    let shard = files(&r1)
+        .into_iter()
+        .find(|f| f.ends_with(".safetensors"))
+        .unwrap();
+    // lambda=0.1 stays open the whole time.
+    let mut held = std::fs::File::open(g.path("lambda=0.1").join(&shard)).unwrap();
+    assert_same_dirs(&g.path("lambda=0.2"), &r2, &[]);
+    let rss0 = proc_kib(g.pid(), "VmRSS");
+    for l in ["0.3", "0.4", "0.5", "0.6", "0.7"] {
+        let d = g.path(&format!("lambda={l}"));
+        for f in files(&d) {
+            std::fs::read(d.join(f)).unwrap();
+        }
+        let st = g.status();
+        let live = st["variants"].as_array().unwrap();
+        assert!(live.len() <= 2, "{} variants live: {st}", live.len());
+        assert!(live.iter().any(|v| v["name"] == "lambda=0.1"), "{st}");
+        assert!(
+            st["cache_held"].as_u64() <= st["cache_budget"].as_u64(),
+            "{st}"
+        );
+    }
+    let st = g.status();
+    assert!(st["variants_forgotten"].as_u64().unwrap() >= 5, "{st}");
+    assert_eq!(st["max_variants"], 2);
+    // Five more variants made and read did not grow the daemon (slack for allocator noise).
+    let rss1 = proc_kib(g.pid(), "VmRSS");
+    assert!(rss1 < rss0 + 64 * 1024, "RSS {rss0} KiB -> {rss1} KiB");
+    // The open file still reads its own bytes.
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut held, &mut got).unwrap();
+    assert!(
+        got == std::fs::read(r1.join(&shard)).unwrap(),
+        "held file changed"
+    );
+    drop(held);
+    // Forgotten names are made again, with the same bytes (the kernel's cached inodes of the
+    // forgotten variant get ESTALE and are looked up again).
+    assert_same_dirs(&g.path("lambda=0.2"), &r2, &[]);
+    assert_same_dirs(&g.path("lambda=0.1"), &r1, &[]);
+    let log = g.log_text();
+    assert!(log.contains("variant \"lambda=0.2\" forgotten"), "{log}");
+}
+
+/// A variant made by lookup plans each unit at its first read: a parent whose tensor has
+/// another shape than the base's is refused by a single-recipe mount (and `aoe write`) up
+/// front, but under --variants only the reads needing that tensor fail (EIO, and a log line
+/// naming the file and the tensor).
+#[test]
+fn a_unit_that_cannot_be_built_fails_its_reads_in_a_lookup_variant() {
+    let tmp = tempdir();
+    let fam = family(&tmp.path().join("fam"), FixtureDType::Fp8, 2, 107);
+    let bad = copy_dir(&fam[1], &tmp.path().join("bad"));
+    let mut swapped = None;
+    for shard in files(&bad)
+        .into_iter()
+        .filter(|f| f.ends_with(".safetensors"))
+    {
+        if swapped.is_some() {
+            break;
+        }
+        rewrite_header(&bad.join(&shard), |v| {
+            for (k, t) in v.as_object_mut().unwrap().iter_mut() {
+                let shape: Vec<u64> = match t.get("shape").and_then(|s| s.as_array()) {
+                    Some(s) => s.iter().map(|x| x.as_u64().unwrap()).collect(),
+                    None => continue,
+                };
+                if k.ends_with("_scale_inv") || shape.len() != 2 || shape[0] == shape[1] {
+                    continue;
+                }
+                if t["dtype"] == "F8_E4M3" {
+                    continue;
+                }
+                t["shape"] = serde_json::json!([shape[1], shape[0]]);
+                swapped = Some((shard.clone(), k.clone()));
+                break;
+            }
+        });
+    }
+    let (_, tensor) = swapped.expect("a 2-D tensor to reshape");
+    let (m1, b) = (s(&fam[0]), s(&bad));
+    std::fs::create_dir_all(tmp.path().join("x")).unwrap();
+    let single = aoe_mount(&[
+        "--base",
+        m1,
+        "--parent",
+        b,
+        "--lambda",
+        "0.5",
+        s(&tmp.path().join("x")),
+    ]);
+    let err = String::from_utf8_lossy(&single.stderr);
+    assert!(!single.status.success() && err.contains(&tensor), "{err}");
+    let g = MountGuard::mount(
+        &tmp.path().join("mnt"),
+        &["--variants", "--base", m1, "--parent", b],
+    );
+    let d = g.path("lambda=0.5");
+    assert!(d.is_dir(), "the lookup itself succeeds");
+    // The base's shard holding the tensor fails with EIO, the others read.
+    let mut failed = Vec::new();
+    for f in files(&d)
+        .into_iter()
+        .filter(|f| f.ends_with(".safetensors"))
+    {
+        if let Err(e) = std::fs::read(d.join(&f)) {
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "{f}: {e}");
+            failed.push(f);
+        }
+    }
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let shard = &failed[0];
+    assert!(std::fs::read(d.join("config.json")).is_ok());
+    let log = g.log_text();
+    assert!(
+        log.contains("read error (EIO)") && log.contains(shard.as_str()) && log.contains(&tensor),
+        "{log}"
+    );
+}

@@ -39,6 +39,8 @@ flags (lambda, weights, delta, subset, metric, allow-extrapolation), joined with
 weights as weights=0.2:0.3:0.5; a subset union as subset=experts+router. Looking up a valid
 name creates it at once; an invalid name gets ENOENT and a log line saying why. Recipe flags
 given with --variants are defaults for every variant. The bytes under a path never change.
+At most --max-variants variants made by lookup are live: one more forgets the least recently
+used one with no open file (named again, it is made again, with the same bytes).
 
 The daemon logs to $XDG_CACHE_HOME/aoe/aoe-mount.log (or --log FILE); SIGINT or SIGTERM
 unmounts it and exits. `aoe-mount --unmount` (or umount) also clears a mount whose daemon died.
@@ -56,6 +58,13 @@ struct Args {
     /// (objects with the fields of aoe_recipe.json, or strings in variant-name syntax).
     #[arg(long, value_name = "FILE")]
     sweep: Option<PathBuf>,
+    /// With --variants: variants made by lookup kept live at once; one more forgets the least
+    /// recently used one with no open file (its cached chunks go; named again, it is made
+    /// again). Bounds the daemon's memory however many names are tried. --sweep variants
+    /// are not counted and never forgotten.
+    #[arg(long, default_value_t = aoe::mount::fs::DEFAULT_MAX_VARIANTS, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_variants: usize,
     /// Memory for computed chunks (e.g. 512M, 2G).
     #[arg(long, default_value = "2G", value_parser = parse_size, value_name = "SIZE")]
     cache_size: usize,
@@ -140,6 +149,7 @@ fn run(args: Args) -> Result<()> {
     if !args.foreground {
         opts.log_file = Some(log_file.clone());
     }
+    opts.max_variants = args.max_variants;
     // Open and validate the parents and the recipe(s) before mounting anything.
     let fs = if args.variants || args.sweep.is_some() {
         let sweep = match &args.sweep {

@@ -11,9 +11,15 @@
 //!   refused with a log line saying why. Variants share the engine: one chunk cache, one store
 //!   of δ statistics.
 //!
+//! Live variants are bounded ([`FsOptions::max_variants`]): making one more forgets the least
+//! recently used variant made by lookup that has no open file (its plan and cached chunks go;
+//! named again, it is made again, with the same bytes). Sweep variants are never forgotten.
+//!
 //! Inode numbers: the root is 1; variant `k`'s directory is `(k+1) << 32` and its file `i` is
-//! `(k+1) << 32 | (i+1)` (in the single layout, variant 0's directory is the root). Variants are
-//! never removed, so an inode always means the same bytes.
+//! `(k+1) << 32 | (i+1)` (in the single layout, variant 0's directory is the root). `k` counts
+//! every variant ever made and is never reused, so an inode always means the same bytes: an
+//! inode of a forgotten variant gets ESTALE (the kernel then looks the path up again, which
+//! makes the variant again under new inode numbers).
 //!
 //! The status report (`aoe status`) is the extended attribute [`STATUS_XATTR`] of the root and
 //! of every variant directory: nothing is added to the checkpoint's listing.
@@ -57,6 +63,8 @@ pub enum FsError {
     NoData,
     /// A read that failed (a parent changed or vanished, an I/O error); logged.
     Io,
+    /// An inode of a variant that was forgotten (see [`FsOptions::max_variants`]).
+    Stale,
 }
 
 impl FsError {
@@ -69,6 +77,7 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::NoData => libc::ENODATA,
             FsError::Io => libc::EIO,
+            FsError::Stale => libc::ESTALE,
         }
     }
 }
@@ -156,7 +165,12 @@ pub struct FsOptions {
     pub log_file: Option<PathBuf>,
     /// Sequential-read prefetch tuning.
     pub prefetch: PrefetchConfig,
+    /// Variants layout: at most this many variants made by lookup are live (at least 1).
+    pub max_variants: usize,
 }
+
+/// Default of [`FsOptions::max_variants`] (`aoe-mount --max-variants`).
+pub const DEFAULT_MAX_VARIANTS: usize = 64;
 
 impl FsOptions {
     /// Options owned by the calling user, with prefetch tuned for `cache_bytes`.
@@ -169,6 +183,7 @@ impl FsOptions {
             mountpoint: mountpoint.to_path_buf(),
             log_file: None,
             prefetch: PrefetchConfig::for_budget(cache_bytes),
+            max_variants: DEFAULT_MAX_VARIANTS,
         }
     }
 }
@@ -181,7 +196,28 @@ pub struct Variant {
     pub child: Arc<Child>,
     /// Bytes served from this variant.
     pub served: AtomicU64,
-    mtimes: Vec<SystemTime>,
+    mtimes: Arc<[SystemTime]>,
+    /// Never forgotten: the single layout's child and sweep variants.
+    pinned: bool,
+    /// When it was last used (a tick of [`Fs::tick`]), for least-recently-used eviction.
+    last_used: AtomicU64,
+    /// Open file handles on its files: a variant with any is not forgotten.
+    open: AtomicU64,
+    /// Its number (inodes `(id+1) << 32 | …`).
+    id: usize,
+}
+
+/// The live variants and their names.
+#[derive(Default)]
+struct Table {
+    /// Variant number → variant, in creation order.
+    live: std::collections::BTreeMap<usize, Arc<Variant>>,
+    /// Name → variant number, for the live variants.
+    names: HashMap<String, usize>,
+    /// The next variant number (numbers are never reused).
+    next: usize,
+    /// Variants forgotten so far.
+    forgotten: u64,
 }
 
 #[derive(Default)]
@@ -196,6 +232,7 @@ struct Counters {
 struct Handle {
     ino: u64,
     seq: SeqState,
+    var: Arc<Variant>,
 }
 
 /// The filesystem.
@@ -203,9 +240,10 @@ pub struct Fs {
     engine: Arc<Engine>,
     /// `Some` in the variants layout: the defaults every variant name is merged onto.
     template: Option<RecipeSpec>,
-    variants: RwLock<Vec<Arc<Variant>>>,
-    names: RwLock<HashMap<String, usize>>,
+    table: RwLock<Table>,
     create: Mutex<()>,
+    tick: AtomicU64,
+    mtimes: OnceLock<Arc<[SystemTime]>>,
     refused_logged: Mutex<HashSet<String>>,
     opts: FsOptions,
     mtime: SystemTime,
@@ -266,7 +304,8 @@ impl Fs {
             opened.as_secs_f64() * 1e3,
             (t.elapsed() - opened).as_secs_f64() * 1e3
         );
-        fs.push_variant(String::new(), child);
+        fs.push_variant(String::new(), child, true)
+            .map_err(|reason| Error::BadRecipe { reason })?;
         Ok(fs)
     }
 
@@ -292,9 +331,11 @@ impl Fs {
         }
         let t = Instant::now();
         let engine = open_engine(&base, &parents, eng)?;
+        // The unit index is built once, now, so that no lookup pays for it.
+        engine.unit_index();
         let mut fs = Fs::empty(engine, Some(template), opts);
         fs.startup = format!(
-            "parents opened in {:.0} ms",
+            "parents opened and indexed in {:.0} ms",
             t.elapsed().as_secs_f64() * 1e3
         );
         for (name, spec) in sweep {
@@ -302,16 +343,11 @@ impl Fs {
             fs.check_same_models(&spec)
                 .map_err(|r| bad(format!("sweep entry {name:?}: {r}")))?;
             let recipe = fs.template_spec().merge(spec).resolve()?;
-            let child = fs.child_for(recipe)?;
-            if fs
-                .names
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&name)
-            {
+            let child = fs.child_for(recipe, false)?;
+            if fs.table().names.contains_key(&name) {
                 return Err(bad(format!("sweep entry {name:?} appears twice")));
             }
-            fs.push_variant(name, child);
+            fs.push_variant(name, child, true).map_err(bad)?;
         }
         Ok(fs)
     }
@@ -327,9 +363,10 @@ impl Fs {
         Fs {
             engine,
             template,
-            variants: RwLock::new(Vec::new()),
-            names: RwLock::new(HashMap::new()),
+            table: RwLock::new(Table::default()),
             create: Mutex::new(()),
+            tick: AtomicU64::new(0),
+            mtimes: OnceLock::new(),
             refused_logged: Mutex::new(HashSet::new()),
             opts,
             mtime,
@@ -375,12 +412,18 @@ impl Fs {
         }
     }
 
-    /// The variants made so far, in creation order.
+    /// The live variants, in creation order.
     pub fn variant_list(&self) -> Vec<Arc<Variant>> {
-        self.variants
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.table().live.values().cloned().collect()
+    }
+
+    fn table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self, var: &Variant) {
+        let t = self.tick.fetch_add(1, Ordering::Relaxed);
+        var.last_used.store(t, Ordering::Relaxed);
     }
 
     fn template_spec(&self) -> RecipeSpec {
@@ -388,52 +431,105 @@ impl Fs {
     }
 
     fn variant(&self, v: usize) -> Option<Arc<Variant>> {
-        self.variants
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(v)
-            .cloned()
+        let var = self.table().live.get(&v).cloned()?;
+        self.touch(&var);
+        Some(var)
     }
 
-    fn push_variant(&self, name: String, child: Arc<Child>) -> usize {
-        let mtimes = child
-            .files
-            .iter()
-            .map(|f| match &f.kind {
-                FileKind::Passthrough(p) => std::fs::metadata(p)
-                    .and_then(|m| m.modified())
-                    .unwrap_or(self.mtime),
-                FileKind::Shard(_) | FileKind::Recipe => self.mtime,
+    /// The modification times of a child's files, the same for every variant: passthrough
+    /// files' own, the mount's for the rest.
+    fn mtimes(&self, child: &Child) -> Arc<[SystemTime]> {
+        self.mtimes
+            .get_or_init(|| {
+                child
+                    .files
+                    .iter()
+                    .map(|f| match &f.kind {
+                        FileKind::Passthrough(p) => std::fs::metadata(p)
+                            .and_then(|m| m.modified())
+                            .unwrap_or(self.mtime),
+                        FileKind::Shard(_) | FileKind::Recipe => self.mtime,
+                    })
+                    .collect()
             })
-            .collect();
-        let mut vs = self.variants.write().unwrap_or_else(|e| e.into_inner());
-        vs.push(Arc::new(Variant {
+            .clone()
+    }
+
+    /// Adds a variant; an unpinned one first forgets the least recently used unpinned
+    /// variants without open files until fewer than `max_variants` are live (refused when
+    /// every one has an open file).
+    fn push_variant(
+        &self,
+        name: String,
+        child: Arc<Child>,
+        pinned: bool,
+    ) -> std::result::Result<usize, String> {
+        let mtimes = self.mtimes(&child);
+        let mut forgotten = Vec::new();
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if !pinned {
+            let max = self.opts.max_variants.max(1);
+            while t.live.values().filter(|v| !v.pinned).count() >= max {
+                let lru = t
+                    .live
+                    .values()
+                    .filter(|v| !v.pinned && v.open.load(Ordering::Acquire) == 0)
+                    .min_by_key(|v| v.last_used.load(Ordering::Relaxed))
+                    .map(|v| v.id);
+                let Some(k) = lru.and_then(|k| t.live.remove(&k).map(|v| (k, v))) else {
+                    return Err(format!(
+                        "{max} variants are live and each has an open file (--max-variants {max})"
+                    ));
+                };
+                t.names.remove(&k.1.name);
+                t.forgotten += 1;
+                forgotten.push(k.1);
+            }
+        }
+        let k = t.next;
+        if k >= u32::MAX as usize - 1 {
+            return Err("no variant numbers left".into());
+        }
+        t.next += 1;
+        let var = Arc::new(Variant {
             name: name.clone(),
             child,
             served: AtomicU64::new(0),
             mtimes,
-        }));
-        let k = vs.len() - 1;
-        drop(vs);
-        self.names
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name, k);
-        k
+            pinned,
+            last_used: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            id: k,
+        });
+        self.touch(&var);
+        t.live.insert(k, var);
+        t.names.insert(name, k);
+        drop(t);
+        for v in &forgotten {
+            log(&format!(
+                "variant {:?} forgotten (least recently used of --max-variants {})",
+                v.name, self.opts.max_variants
+            ));
+        }
+        // Dropped here, outside the table's lock: a child no longer shared gives its chunks
+        // back to the cache.
+        drop(forgotten);
+        Ok(k)
     }
 
-    /// A child for `recipe`, shared with an existing variant of identical recipe.
-    fn child_for(&self, recipe: Recipe) -> Result<Arc<Child>> {
+    /// A child for `recipe`, shared with a live variant of identical recipe; `lazy` plans each
+    /// unit at its first use (variants made by lookup).
+    fn child_for(&self, recipe: Recipe, lazy: bool) -> Result<Arc<Child>> {
         let bytes = recipe.file_bytes();
         let existing = self
-            .variants
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
+            .table()
+            .live
+            .values()
             .find(|v| v.child.recipe_bytes() == bytes.as_slice())
             .map(|v| v.child.clone());
         match existing {
             Some(c) => Ok(c),
+            None if lazy => Ok(Arc::new(Child::lazy(self.engine.clone(), recipe)?)),
             None => Ok(Arc::new(Child::new(self.engine.clone(), recipe)?)),
         }
     }
@@ -468,12 +564,7 @@ impl Fs {
 
     /// Creates (or finds) the variant called `name`.
     fn variant_by_name(&self, name: &str) -> std::result::Result<usize, String> {
-        if let Some(&k) = self
-            .names
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
+        if let Some(k) = self.live_name(name) {
             return Ok(k);
         }
         check_variant_name(name)?;
@@ -484,22 +575,27 @@ impl Fs {
             .resolve()
             .map_err(|e| e.to_string())?;
         let _g = self.create.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&k) = self
-            .names
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
+        if let Some(k) = self.live_name(name) {
             return Ok(k);
         }
         let t = Instant::now();
-        let child = self.child_for(recipe).map_err(|e| e.to_string())?;
-        let k = self.push_variant(name.to_string(), child);
+        let child = self.child_for(recipe, true).map_err(|e| e.to_string())?;
+        let k = self.push_variant(name.to_string(), child, false)?;
         log(&format!(
             "variant {name:?} created in {:.1} ms",
             t.elapsed().as_secs_f64() * 1e3
         ));
         Ok(k)
+    }
+
+    /// The live variant called `name` (marked used).
+    fn live_name(&self, name: &str) -> Option<usize> {
+        let t = self.table();
+        let k = *t.names.get(name)?;
+        if let Some(v) = t.live.get(&k) {
+            self.touch(v);
+        }
+        Some(k)
     }
 
     fn node(&self, ino: u64) -> std::result::Result<Node, FsError> {
@@ -512,7 +608,14 @@ impl Fs {
             return Err(FsError::NotFound);
         }
         let v = (hi - 1) as usize;
-        let var = self.variant(v).ok_or(FsError::NotFound)?;
+        let Some(var) = self.variant(v) else {
+            // A number once given out is a forgotten variant: never another's bytes.
+            return Err(if v < self.table().next {
+                FsError::Stale
+            } else {
+                FsError::NotFound
+            });
+        };
         if lo == 0 {
             if !self.is_variants() {
                 return Err(FsError::NotFound);
@@ -630,8 +733,8 @@ impl Fs {
         match node {
             Node::File(..) => return Err(FsError::NotDir),
             Node::Root if self.is_variants() => {
-                let vs = self.variants.read().unwrap_or_else(|e| e.into_inner());
-                out.extend(vs.iter().enumerate().map(|(k, v)| DirEntry {
+                let t = self.table();
+                out.extend(t.live.iter().map(|(&k, v)| DirEntry {
                     ino: dir_ino(k),
                     kind: Kind::Dir,
                     name: v.name.clone(),
@@ -651,10 +754,16 @@ impl Fs {
         {
             return Err(FsError::ReadOnly);
         }
-        match self.node(ino)? {
-            Node::File(..) => {}
-            _ => return Err(FsError::IsDir),
-        }
+        let Node::File(v, _) = self.node(ino)? else {
+            return Err(FsError::IsDir);
+        };
+        // Counted under the table's lock, so that no eviction picks it meanwhile.
+        let var = {
+            let t = self.table();
+            let var = t.live.get(&v).cloned().ok_or(FsError::Stale)?;
+            var.open.fetch_add(1, Ordering::AcqRel);
+            var
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.counters.opens.fetch_add(1, Ordering::Relaxed);
         self.handles
@@ -665,6 +774,7 @@ impl Fs {
                 Handle {
                     ino,
                     seq: SeqState::default(),
+                    var,
                 },
             );
         Ok(fh)
@@ -672,10 +782,14 @@ impl Fs {
 
     /// Forgets a file handle.
     pub fn release(&self, fh: u64) {
-        self.handles
+        let h = self
+            .handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh);
+        if let Some(h) = h {
+            h.var.open.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Opens directory `ino` (checks that it is one).
@@ -831,12 +945,15 @@ impl Fs {
 
     /// Filesystem statistics.
     pub fn statfs(&self) -> StatFs {
-        let vs = self.variants.read().unwrap_or_else(|e| e.into_inner());
-        let bytes: u64 = vs
-            .first()
+        let t = self.table();
+        let bytes: u64 = t
+            .live
+            .values()
+            .next()
             .map_or(0, |v| v.child.files.iter().map(|f| f.size).sum());
-        let files: u64 = vs
-            .iter()
+        let files: u64 = t
+            .live
+            .values()
             .map(|v| v.child.files.len() as u64 + 1)
             .sum::<u64>()
             + 1;
@@ -883,6 +1000,8 @@ impl Fs {
             "base": models.first().map(|m| m.dir.to_string_lossy().to_string()),
             "parents": models.iter().skip(1).map(|m| m.dir.to_string_lossy().to_string()).collect::<Vec<_>>(),
             "variants": variants,
+            "max_variants": self.opts.max_variants,
+            "variants_forgotten": self.table().forgotten,
             "bytes_served": self.counters.bytes_served.load(Ordering::Relaxed),
             "reads": self.counters.reads.load(Ordering::Relaxed),
             "opens": self.counters.opens.load(Ordering::Relaxed),
@@ -1192,6 +1311,88 @@ mod tests {
         let vs = fs.variant_list();
         assert!(Arc::ptr_eq(&vs[1].child, &vs[2].child));
         assert_eq!(fs.status_json()["names_refused"], 2);
+    }
+
+    /// With `max_variants` 2, a third variant forgets the least recently used one without an
+    /// open file; its inodes get ESTALE (never another variant's bytes) and its name makes it
+    /// again under new inode numbers. When every live variant has an open file, a new name is
+    /// refused.
+    #[test]
+    fn least_recently_used_variants_are_forgotten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fam = tiny_family(tmp.path());
+        let mut o = opts();
+        o.max_variants = 2;
+        let fs = Fs::variants(template(&fam), Vec::new(), &eng(), o).unwrap();
+        let a = fs.lookup(ROOT, OsStr::new("lambda=0.1")).unwrap();
+        let b = fs.lookup(ROOT, OsStr::new("lambda=0.2")).unwrap();
+        let fa = fs.lookup(a.ino, OsStr::new("config.json")).unwrap();
+        let fb = fs.lookup(b.ino, OsStr::new("config.json")).unwrap();
+        let held = fs.open(fa.ino, libc::O_RDONLY).unwrap();
+        // b is more recently used than a, but a has an open file: b goes.
+        let c = fs.lookup(ROOT, OsStr::new("lambda=0.3")).unwrap();
+        assert_eq!(fs.getattr(b.ino), Err(FsError::Stale));
+        assert_eq!(fs.getattr(fb.ino), Err(FsError::Stale));
+        assert_eq!(fs.open(fb.ino, libc::O_RDONLY), Err(FsError::Stale));
+        assert_eq!(FsError::Stale.errno(), libc::ESTALE);
+        assert_eq!(fs.getattr(fa.ino).unwrap(), fa);
+        let names: Vec<String> = fs.variant_list().iter().map(|v| v.name.clone()).collect();
+        assert_eq!(names, vec!["lambda=0.1", "lambda=0.3"]);
+        // Named again: made again, under new inode numbers.
+        let b2 = fs.lookup(ROOT, OsStr::new("lambda=0.2")).unwrap();
+        assert!(b2.ino > c.ino && b2.ino != b.ino);
+        assert_eq!(fs.getattr(c.ino), Err(FsError::Stale));
+        // Every live variant with an open file: a new name is refused.
+        let fb2 = fs.lookup(b2.ino, OsStr::new("config.json")).unwrap();
+        let held2 = fs.open(fb2.ino, libc::O_RDONLY).unwrap();
+        assert_eq!(
+            fs.lookup(ROOT, OsStr::new("lambda=0.4")),
+            Err(FsError::NotFound)
+        );
+        fs.release(held);
+        assert!(fs.lookup(ROOT, OsStr::new("lambda=0.4")).is_ok());
+        assert_eq!(fs.getattr(fa.ino), Err(FsError::Stale));
+        fs.release(held2);
+        let st = fs.status_json();
+        assert_eq!(st["variants_forgotten"], 3);
+        assert_eq!(st["variants"].as_array().unwrap().len(), 2);
+    }
+
+    /// A variant made by lookup plans each unit at its first read: a unit that cannot be built
+    /// fails that read (EIO, logged) instead of the lookup, while `Child::new` (aoe write,
+    /// aoe plan, a single-recipe mount, sweep entries) still refuses the recipe up front.
+    #[test]
+    fn lookup_variants_check_units_at_first_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fam = tiny_family(tmp.path());
+        let engine = open_engine(&fam[0], &fam[1..], &eng()).unwrap();
+        let index = engine.unit_index();
+        let recipe = template(&fam).merge(RecipeSpec::from_variant_name("lambda=0.5").unwrap());
+        let recipe = recipe.resolve().unwrap();
+        let eager = Child::new(engine.clone(), recipe.clone()).unwrap();
+        let lazy = Child::lazy(engine.clone(), recipe).unwrap();
+        assert_eq!(eager.recipe_bytes(), lazy.recipe_bytes());
+        let n = eager.files.len();
+        assert_eq!(n, lazy.files.len());
+        for (i, f) in eager.files.iter().enumerate() {
+            let mut x = vec![0u8; f.size as usize];
+            let mut y = vec![0u8; f.size as usize];
+            eager.read(i, 0, &mut x).unwrap();
+            lazy.read(i, 0, &mut y).unwrap();
+            assert!(x == y, "{} differs", f.name);
+        }
+        // Selecting nothing is still refused at once, with the same error.
+        let none = template(&fam)
+            .merge(RecipeSpec::from_variant_name("lambda=0.5,subset=re:^nothing$").unwrap())
+            .resolve()
+            .unwrap();
+        let e1 = Child::new(engine.clone(), none.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        let e2 = Child::lazy(engine.clone(), none).err().unwrap().to_string();
+        assert_eq!(e1, e2);
+        assert!(index.units.len() > 1);
     }
 
     #[test]

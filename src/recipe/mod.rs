@@ -368,8 +368,11 @@ impl RecipeSpec {
                         reason: format!("--lambda needs exactly one parent besides the base, there are {}; use --weights", n - 1),
                     });
                 }
-                check_weights(&[1.0 - l, l], n, allow, "--lambda")?;
-                vec![1.0 - l, l]
+                // λ as given; the base's share 1 − λ computed exactly in decimal from λ's
+                // shortest round-trip form, so that `lambda=0.8` records (0.2, 0.8).
+                let w = vec![one_minus(l), l];
+                check_weights(&w, n, allow, "--lambda")?;
+                w
             }
             (None, Some(w)) => {
                 check_weights(&w, n, allow, "--weights")?;
@@ -408,6 +411,72 @@ impl RecipeSpec {
             allow_empty: self.allow_empty.unwrap_or(false),
         })
     }
+}
+
+/// `1 − x` computed exactly on the shortest decimal that round-trips to `x` (what Rust and
+/// JSON print for it), then rounded once to f64: `one_minus(0.8)` is `0.2`, where `1.0 - 0.8`
+/// is `0.19999999999999996`. Non-finite `x` gives `1.0 - x`.
+pub fn one_minus(x: f64) -> f64 {
+    if !x.is_finite() {
+        return 1.0 - x;
+    }
+    // Display prints the shortest round-trip digits, never in exponent form.
+    let text = format!("{}", x.abs());
+    let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
+    // |x| = digits × 10^-scale, as a decimal digit string; 1 = 10^scale × 10^-scale.
+    let digits: Vec<u8> = int.bytes().chain(frac.bytes()).map(|b| b - b'0').collect();
+    let mut one = vec![0u8; digits.len().max(frac.len() + 1)];
+    let at = one.len() - frac.len() - 1;
+    one[at] = 1;
+    let mut x_digits = vec![0u8; one.len() - digits.len()];
+    x_digits.extend_from_slice(&digits);
+    // 1 − x = 1 + |x| for negative x; otherwise the difference of the larger and the smaller.
+    let (negative, mag) = if x.is_sign_negative() {
+        (false, add_digits(&one, &x_digits))
+    } else if x_digits <= one {
+        (false, sub_digits(&one, &x_digits))
+    } else {
+        (true, sub_digits(&x_digits, &one))
+    };
+    let split = mag.len() - frac.len();
+    let mut out = String::with_capacity(mag.len() + 2);
+    if negative {
+        out.push('-');
+    }
+    out.extend(mag[..split].iter().map(|d| char::from(b'0' + d)));
+    out.push('.');
+    out.extend(mag[split..].iter().map(|d| char::from(b'0' + d)));
+    out.push('0');
+    out.parse().unwrap_or(1.0 - x)
+}
+
+/// `a + b` for equally long big-endian decimal digit strings (one digit longer).
+fn add_digits(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; a.len() + 1];
+    let mut carry = 0;
+    for i in (0..a.len()).rev() {
+        let d = a[i] + b[i] + carry;
+        out[i + 1] = d % 10;
+        carry = d / 10;
+    }
+    out[0] = carry;
+    out
+}
+
+/// `a − b` for equally long big-endian decimal digit strings, `a ≥ b`.
+fn sub_digits(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; a.len()];
+    let mut borrow = 0;
+    for i in (0..a.len()).rev() {
+        let (d, nb) = if a[i] >= b[i] + borrow {
+            (a[i] - b[i] - borrow, 0)
+        } else {
+            (a[i] + 10 - b[i] - borrow, 1)
+        };
+        out[i] = d;
+        borrow = nb;
+    }
+    out
 }
 
 fn check_weights(w: &[f64], n: usize, allow: bool, context: &str) -> Result<()> {
@@ -583,10 +652,67 @@ mod tests {
         let mut s = spec("/b", &["/p"]);
         s.lambda = Some(0.6);
         let r = s.resolve().unwrap();
-        assert_eq!(r.weights, vec![1.0 - 0.6, 0.6]);
+        assert_eq!(r.weights, vec![0.4, 0.6]);
         assert_eq!(r.delta, 0.0);
         assert_eq!(r.metric, Metric::Stored);
         assert!(r.selects("anything", Group::Other));
+    }
+
+    #[test]
+    fn one_minus_is_exact_in_decimal() {
+        for (x, want) in [
+            (0.8, 0.2),
+            (0.6, 0.4),
+            (0.7, 0.3),
+            (0.9, 0.1),
+            (0.1, 0.9),
+            (0.001, 0.999),
+            (0.123, 0.877),
+            (0.0, 1.0),
+            (1.0, 0.0),
+            (0.5, 0.5),
+            (1.5, -0.5),
+            (-0.25, 1.25),
+            (12.75, -11.75),
+            (1e-20, 1.0),
+            (5e-324, 1.0),
+        ] {
+            assert_eq!(one_minus(x), want, "1 - {x}");
+            assert_eq!(format!("{}", one_minus(x)), format!("{want}"), "1 - {x}");
+        }
+        assert!(one_minus(f64::NAN).is_nan());
+        // Always within rounding of the binary difference.
+        for i in 0..=1000 {
+            let x = i as f64 / 1000.0;
+            assert!(
+                (one_minus(x) - (1.0 - x)).abs() <= 2.0 * f64::EPSILON,
+                "{x}"
+            );
+        }
+    }
+
+    /// `lambda=0.8` records and prints the weights as the user wrote them: (0.2, 0.8), not
+    /// (0.19999999999999996, 0.8), in `aoe_recipe.json` and everywhere it is shown.
+    #[test]
+    fn lambda_weights_print_as_given() {
+        for (l, text) in [
+            (0.8, "[0.2, 0.8]"),
+            (0.6, "[0.4, 0.6]"),
+            (0.13, "[0.87, 0.13]"),
+        ] {
+            let mut s = spec("/b", &["/p"]);
+            s.lambda = Some(l);
+            let r = s.resolve().unwrap();
+            assert_eq!(format!("{:?}", r.weights), text);
+            let file = String::from_utf8(r.file_bytes()).unwrap();
+            let v: Value = serde_json::from_str(&file).unwrap();
+            assert_eq!(v["weights"].to_string().replace(',', ", "), text);
+            assert!(!file.contains("9999"), "{file}");
+        }
+        let v = RecipeSpec::from_variant_name("lambda=0.8").unwrap();
+        let mut s = spec("/b", &["/p"]).merge(v);
+        s.allow_empty = None;
+        assert_eq!(s.resolve().unwrap().weights, vec![0.2, 0.8]);
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! The plan: for every unit of the child (a weight and its companion: FP8 `_scale_inv`, or
-//! MXFP4 `_scales` beside `_blocks`), where its
-//! bytes come from. Subset, rules and dtypes are decided up front; δ lazily, at first use.
+//! MXFP4 `_scales` beside `_blocks`), where its bytes come from. Subset, rules and dtypes are
+//! decided up front ([`Plan::new`], for `aoe write`, `aoe plan` and a single-recipe mount) or
+//! at a unit's first use ([`Plan::lazy`], for variants created by lookup: no pass over the
+//! model's units); δ always at first use.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::error::{Error, Result};
 use crate::model::dtype::DType;
 use crate::model::models::{Models, MX_BLOCKS_SUFFIX, MX_SCALES_SUFFIX, SCALE_SUFFIX};
 use crate::recipe::stats::StatsStore;
-use crate::recipe::{layer_of, Group, Recipe};
+use crate::recipe::{layer_of, Group, Recipe, Rule, SubsetItem};
 
 /// A weight and its companion, as the base names them.
 #[derive(Clone, Debug)]
@@ -52,6 +54,13 @@ pub struct UnitIndex {
     pub units: Vec<Unit>,
     /// tensor name → (unit, is the companion).
     lookup: HashMap<String, (u32, bool)>,
+    /// Per unit: whether the base stores its weight in a mixable dtype (only such units count
+    /// as selected).
+    mixable: Vec<bool>,
+    /// Per group: units whose base weight is mixable (a group subset is checked in O(1)).
+    mixable_per_group: BTreeMap<Group, usize>,
+    /// Tensors (weights and companions) per group, for [`Error::EmptySelection`].
+    group_tensors: Vec<(String, usize)>,
 }
 
 impl UnitIndex {
@@ -65,7 +74,54 @@ impl UnitIndex {
                 lookup.insert(s.clone(), (i as u32, true));
             }
         }
-        UnitIndex { units, lookup }
+        let mixable: Vec<bool> = units
+            .iter()
+            .map(|u| models.source(0, &u.weight).is_ok_and(|s| s.mixable()))
+            .collect();
+        let mut mixable_per_group = BTreeMap::new();
+        for (u, m) in units.iter().zip(&mixable) {
+            *mixable_per_group.entry(u.group).or_insert(0usize) += usize::from(*m);
+        }
+        let mut index = UnitIndex {
+            units,
+            lookup,
+            mixable,
+            mixable_per_group,
+            group_tensors: Vec::new(),
+        };
+        index.group_tensors = group_counts(&index);
+        index
+    }
+
+    /// Whether the recipe's subset selects at least one unit with a mixable base weight:
+    /// O(groups) for `full` and group subsets; a `re:` item scans the unit names until its
+    /// first match (a full scan, one regex search per unit, only when it matches nothing).
+    fn selects_any(&self, recipe: &Recipe) -> bool {
+        recipe.subset.iter().any(|item| match item {
+            SubsetItem::Full => self.mixable_per_group.values().any(|&n| n > 0),
+            SubsetItem::Group(g) => self.mixable_per_group.get(g).is_some_and(|&n| n > 0),
+            SubsetItem::Regex(r) => self
+                .units
+                .iter()
+                .zip(&self.mixable)
+                .any(|(u, &m)| m && r.is_match(&u.weight)),
+        })
+    }
+
+    /// The first rule that meets no selected unit with a mixable base weight, if any: one pass
+    /// over the units that stops once every rule has met one (a full scan only when a rule
+    /// meets nothing, i.e. when the recipe is refused).
+    fn unused_rule<'r>(&self, recipe: &'r Recipe) -> Option<&'r Rule> {
+        let mut unused: Vec<&Rule> = recipe.rules.iter().collect();
+        for (u, &m) in self.units.iter().zip(&self.mixable) {
+            if unused.is_empty() {
+                return None;
+            }
+            if m && recipe.selects(&u.weight, u.group) {
+                unused.retain(|r| !r.regex.is_match(&u.weight));
+            }
+        }
+        unused.first().copied()
     }
 }
 
@@ -73,11 +129,14 @@ impl UnitIndex {
 pub struct Plan {
     /// The units (shared by every plan over the same models).
     pub index: Arc<UnitIndex>,
-    /// The distinct intents of this recipe (a handful: base, donors, a few weight vectors).
-    intents: Vec<Intent>,
-    /// Per unit, its intent's index: a few bytes per unit, so a sweep's many variants of a
-    /// 92k-tensor model stay small.
-    intent_of: Vec<u16>,
+    /// The distinct intents of this recipe (a handful: base, donors, a few weight vectors);
+    /// only ever appended to.
+    intents: RwLock<Vec<Intent>>,
+    /// Per unit, its intent's index plus one (0: not computed yet, in a lazy plan): a few bytes
+    /// per unit, so a sweep's many variants of a 92k-tensor model stay small.
+    intent_of: Vec<AtomicU16>,
+    /// A lazy plan's recipe, from which a unit's intent is computed at its first use.
+    lazy: Option<Recipe>,
     /// Per unit: 0 undecided, 1 the base, 2 its intent.
     decided: Vec<AtomicU8>,
     /// Striped locks making each unit's δ decision single-flight.
@@ -134,7 +193,7 @@ impl Plan {
             });
         }
         let mut intents: Vec<Intent> = vec![Intent::Base];
-        let mut intent_of = Vec::with_capacity(index.units.len());
+        let mut intent_of: Vec<AtomicU16> = Vec::with_capacity(index.units.len());
         // Units the subset selects that can be mixed, and the rules that meet one of them.
         let mut selected = 0usize;
         let mut rule_used = vec![false; recipe.rules.len()];
@@ -153,17 +212,13 @@ impl Plan {
                     intents.len() - 1
                 }
             };
-            // Rules are few; more distinct intents than u16 holds would be a recipe of
-            // tens of thousands of rules.
-            intent_of.push(u16::try_from(k).map_err(|_| Error::BadRecipe {
-                reason: "too many distinct per-tensor weights".into(),
-            })?);
+            intent_of.push(AtomicU16::new(intent_code(k)?));
         }
         if !recipe.allow_empty {
             if selected == 0 {
                 return Err(Error::EmptySelection {
                     asked: format!("subset {}", subset_text(recipe)),
-                    groups: group_counts(&index),
+                    groups: index.group_tensors.clone(),
                 });
             }
             if let Some(r) = rule_used
@@ -180,10 +235,49 @@ impl Plan {
         let locks = (0..64).map(|_| Mutex::new(())).collect();
         Ok(Plan {
             index,
-            intents,
+            intents: RwLock::new(intents),
             intent_of,
+            lazy: None,
             decided,
             locks,
+            delta: recipe.delta,
+            metric: recipe.metric,
+        })
+    }
+
+    /// A plan whose per-unit decisions wait for each unit's first use, for variants created
+    /// by lookup: no work per unit beyond zeroed memory. The checks that need no per-unit
+    /// pass stay here (the subset selects something, every rule meets a selected unit: see
+    /// [`UnitIndex`]'s counts); a unit that cannot be built (missing in a parent, shape or
+    /// dtype mismatch) fails its first read instead of the plan, with the same error.
+    pub fn lazy(recipe: &Recipe, models: &Models, index: Arc<UnitIndex>) -> Result<Plan> {
+        if models.list.len() != recipe.models() {
+            return Err(Error::Internal {
+                what: "models do not match the recipe".into(),
+            });
+        }
+        if !recipe.allow_empty {
+            if !index.selects_any(recipe) {
+                return Err(Error::EmptySelection {
+                    asked: format!("subset {}", subset_text(recipe)),
+                    groups: index.group_tensors.clone(),
+                });
+            }
+            if let Some(r) = index.unused_rule(recipe) {
+                return Err(Error::UnusedRule {
+                    pattern: r.regex.as_str().to_string(),
+                });
+            }
+        }
+        let n = index.units.len();
+        let zeroed = |_| AtomicU16::new(0);
+        Ok(Plan {
+            intents: RwLock::new(vec![Intent::Base]),
+            intent_of: (0..n).map(zeroed).collect(),
+            lazy: Some(recipe.clone()),
+            decided: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            locks: (0..64).map(|_| Mutex::new(())).collect(),
+            index,
             delta: recipe.delta,
             metric: recipe.metric,
         })
@@ -202,7 +296,7 @@ impl Plan {
     /// Where unit `u`'s bytes come from; the first call for a selected unit computes (or looks
     /// up) its δ statistic. Concurrent callers for one unit wait for a single computation.
     pub fn source(&self, u: usize, models: &Models, stats: &StatsStore) -> Result<Source> {
-        let want = match self.intent(u) {
+        let want = match self.intent(u, models)? {
             Intent::Base => return Ok(Source::Base),
             Intent::Selected(s) => s,
         };
@@ -239,9 +333,15 @@ impl Plan {
     /// Whether δ kept the base's bytes for every unit the recipe wanted changed (there is at
     /// least one; all decided): the child would silently be the base. Decides nothing itself.
     pub fn nothing_above_delta(&self) -> bool {
+        let intents = self.intents.read().unwrap_or_else(|e| e.into_inner());
         let mut wanted = false;
         for (k, d) in self.intent_of.iter().zip(&self.decided) {
-            if matches!(self.intents.get(*k as usize), Some(Intent::Selected(_))) {
+            let k = k.load(Ordering::Acquire);
+            if k == 0 {
+                // Not computed yet (a lazy plan): not decided either.
+                return false;
+            }
+            if matches!(intents.get(k as usize - 1), Some(Intent::Selected(_))) {
                 match d.load(Ordering::Acquire) {
                     1 => wanted = true,
                     _ => return false,
@@ -255,15 +355,47 @@ impl Plan {
     pub fn empty_by_delta(&self, recipe: &Recipe) -> Error {
         Error::EmptySelection {
             asked: format!("delta {} over subset {}", recipe.delta, subset_text(recipe)),
-            groups: group_counts(&self.index),
+            groups: self.index.group_tensors.clone(),
         }
     }
 
-    /// What the recipe wants of unit `u`, before δ.
-    pub fn intent(&self, u: usize) -> &Intent {
-        let k = self.intent_of.get(u).copied().unwrap_or(0) as usize;
-        self.intents.get(k).unwrap_or(&Intent::Base)
+    /// What the recipe wants of unit `u`, before δ; a lazy plan computes it at the first call
+    /// (an error, such as a shape mismatch, is returned again at every call).
+    pub fn intent(&self, u: usize, models: &Models) -> Result<Intent> {
+        let Some(cell) = self.intent_of.get(u) else {
+            return Ok(Intent::Base);
+        };
+        let k = cell.load(Ordering::Acquire);
+        if k > 0 {
+            let intents = self.intents.read().unwrap_or_else(|e| e.into_inner());
+            return Ok(intents.get(k as usize - 1).cloned().unwrap_or(Intent::Base));
+        }
+        let (Some(recipe), Some(unit)) = (&self.lazy, self.index.units.get(u)) else {
+            return Ok(Intent::Base);
+        };
+        let i = intent(recipe, models, unit)?;
+        let mut intents = self.intents.write().unwrap_or_else(|e| e.into_inner());
+        let k = match intents.iter().position(|x| *x == i) {
+            Some(k) => k,
+            None => {
+                intents.push(i.clone());
+                intents.len() - 1
+            }
+        };
+        cell.store(intent_code(k)?, Ordering::Release);
+        Ok(i)
     }
+}
+
+/// The stored code of intent `k` (its index plus one). Rules are few; more distinct intents
+/// than u16 holds would be a recipe of tens of thousands of rules.
+fn intent_code(k: usize) -> Result<u16> {
+    u16::try_from(k + 1)
+        .ok()
+        .filter(|&c| c < u16::MAX)
+        .ok_or_else(|| Error::BadRecipe {
+            reason: "too many distinct per-tensor weights".into(),
+        })
 }
 
 /// The subset as the user would write it (`experts+router`).

@@ -199,6 +199,23 @@ impl ChunkCache {
         g.served.remove(key);
     }
 
+    /// Drops every chunk of `variant` (a child that is gone: its chunks can never be read).
+    pub fn forget_variant(&self, variant: u32) {
+        let mut g = self.lock();
+        let keys: Vec<ChunkKey> = g
+            .lru
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| k.variant == variant)
+            .collect();
+        for k in keys {
+            if let Some(old) = g.lru.pop(&k) {
+                g.bytes -= old.bytes();
+            }
+        }
+        g.served.retain(|k, _| k.variant != variant);
+    }
+
     /// The chunk for `key`: from the cache, by waiting for another reader's computation, or by
     /// running `compute` (once, whoever asks meanwhile).
     pub fn get_or_compute(

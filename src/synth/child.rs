@@ -75,8 +75,20 @@ pub enum Span<'a> {
 }
 
 impl Child {
-    /// Plans `recipe` over `engine`'s models (which must be the recipe's).
-    pub fn new(engine: Arc<Engine>, mut recipe: Recipe) -> Result<Child> {
+    /// Plans `recipe` over `engine`'s models (which must be the recipe's), checking every unit
+    /// now ([`Plan::new`]).
+    pub fn new(engine: Arc<Engine>, recipe: Recipe) -> Result<Child> {
+        Child::build(engine, recipe, false)
+    }
+
+    /// Like [`Child::new`], but each unit is planned at its first use ([`Plan::lazy`]): no
+    /// work proportional to the model, for variants created by lookup. A unit that cannot be
+    /// built fails its reads instead of this call.
+    pub fn lazy(engine: Arc<Engine>, recipe: Recipe) -> Result<Child> {
+        Child::build(engine, recipe, true)
+    }
+
+    fn build(engine: Arc<Engine>, mut recipe: Recipe, lazy: bool) -> Result<Child> {
         if recipe.models() != engine.models.list.len() {
             return Err(Error::WeightCount {
                 expected: engine.models.list.len(),
@@ -94,8 +106,37 @@ impl Child {
             .skip(1)
             .map(|m| m.dir.clone())
             .collect();
-        let plan = Plan::new(&recipe, &engine.models, engine.unit_index())?;
+        let plan = if lazy {
+            Plan::lazy(&recipe, &engine.models, engine.unit_index())?
+        } else {
+            Plan::new(&recipe, &engine.models, engine.unit_index())?
+        };
         let recipe_bytes = recipe.file_bytes();
+        let mut files = engine.base_files()?.to_vec();
+        let at = files.partition_point(|f| f.name.as_str() < RECIPE_FILE);
+        files.insert(
+            at,
+            ChildFile {
+                name: RECIPE_FILE.into(),
+                size: recipe_bytes.len() as u64,
+                kind: FileKind::Recipe,
+            },
+        );
+        let variant = engine.next_variant.fetch_add(1, Ordering::Relaxed);
+        Ok(Child {
+            engine,
+            recipe,
+            plan,
+            files,
+            recipe_bytes,
+            variant,
+        })
+    }
+
+    /// The base's files as a child lists them, sorted by name, without `aoe_recipe.json`: the
+    /// shards, then every other file passed through (its size from one stat). The same for
+    /// every child of an engine ([`Engine::base_files`] keeps them).
+    pub(crate) fn base_files(engine: &Engine) -> Result<Vec<ChildFile>> {
         let base = engine.models.base();
         let mut files: Vec<ChildFile> = base
             .shards
@@ -121,21 +162,8 @@ impl Child {
                 kind: FileKind::Passthrough(path),
             });
         }
-        files.push(ChildFile {
-            name: RECIPE_FILE.into(),
-            size: recipe_bytes.len() as u64,
-            kind: FileKind::Recipe,
-        });
         files.sort_by(|a, b| a.name.cmp(&b.name));
-        let variant = engine.next_variant.fetch_add(1, Ordering::Relaxed);
-        Ok(Child {
-            engine,
-            recipe,
-            plan,
-            files,
-            recipe_bytes,
-            variant,
-        })
+        Ok(files)
     }
 
     /// The file called `name`.
@@ -411,6 +439,13 @@ impl Child {
     /// Whether chunk `c` of unit `u` is cached or being computed.
     pub fn chunk_cached(&self, u: usize, c: usize) -> bool {
         self.engine.cache.contains(&self.chunk_key(u, c))
+    }
+}
+
+impl Drop for Child {
+    /// A child no longer used (a variant forgotten by the mount) gives its chunks back.
+    fn drop(&mut self) {
+        self.engine.cache.forget_variant(self.variant);
     }
 }
 

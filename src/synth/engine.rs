@@ -10,6 +10,7 @@ use crate::model::models::Models;
 use crate::recipe::plan::UnitIndex;
 use crate::recipe::stats::StatsStore;
 use crate::synth::cache::ChunkCache;
+use crate::synth::child::{Child, ChildFile};
 
 /// How an engine is built.
 #[derive(Clone, Debug)]
@@ -34,6 +35,7 @@ pub struct Engine {
     pub chunk_bytes: usize,
     pub(crate) next_variant: AtomicU32,
     units: OnceLock<Arc<UnitIndex>>,
+    files: OnceLock<Vec<ChildFile>>,
 }
 
 impl Engine {
@@ -64,6 +66,7 @@ impl Engine {
             chunk_bytes: chunk_bytes.max(1),
             next_variant: AtomicU32::new(0),
             units: OnceLock::new(),
+            files: OnceLock::new(),
         }
     }
 
@@ -72,5 +75,15 @@ impl Engine {
         self.units
             .get_or_init(|| Arc::new(UnitIndex::new(&self.models)))
             .clone()
+    }
+
+    /// The base's files as every child lists them (without `aoe_recipe.json`), listed and
+    /// stat'ed once and shared by every child.
+    pub fn base_files(&self) -> Result<&[ChildFile]> {
+        if let Some(f) = self.files.get() {
+            return Ok(f);
+        }
+        let files = Child::base_files(self)?;
+        Ok(self.files.get_or_init(|| files))
     }
 }
