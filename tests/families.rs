@@ -316,7 +316,13 @@ fn check_mix_matches_reference(family: &str, base: &Path, parent: &Path, w: [f64
     let (base, parent) = (base.to_path_buf(), parent.to_path_buf());
     let tmp = tmpdir();
     let weights = format!("{},{}", w[0], w[1]);
-    let child = write_child(tmp.path(), "child", &base, &parent, &["--weights", &weights]);
+    let child = write_child(
+        tmp.path(),
+        "child",
+        &base,
+        &parent,
+        &["--weights", &weights],
+    );
     let recipe = json!({
         "base": s(&base), "parents": [s(&parent)], "weights": w, "delta": 0.0,
         "subset": ["full"], "rules": [], "metric": "stored",

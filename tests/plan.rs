@@ -86,6 +86,8 @@ fn plan_follows_delta_and_names_every_group() {
         "0.5",
         "--delta",
         "1e9",
+        // δ above every difference selects nothing: refused unless allowed.
+        "--allow-empty",
         "--cache-dir",
         c,
     ]);
