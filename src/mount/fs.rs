@@ -31,10 +31,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+use crate::mount::status::{PrefetchReport, StatusReport, VariantReport};
 use crate::recipe::{Recipe, RecipeSpec};
 use crate::synth::prefetch::{PrefetchConfig, Prefetcher, SeqState};
 use crate::synth::{Child, Engine, EngineOptions, FileKind};
@@ -965,12 +966,17 @@ impl Fs {
 
     /// The status report as JSON.
     pub fn status_json(&self) -> Value {
+        serde_json::to_value(self.status()).unwrap_or(Value::Null)
+    }
+
+    /// The status report.
+    pub fn status(&self) -> StatusReport {
         let c = &self.engine.cache.counters;
         let computed = c.computed_bytes.load(Ordering::Relaxed);
         let ns = c.compute_ns.load(Ordering::Relaxed);
         let models = &self.engine.models.list;
-        let vs = self.variant_list();
-        let variants: Vec<Value> = vs
+        let variants = self
+            .variant_list()
             .iter()
             .map(|v| {
                 let mut r = v.child.recipe.to_json();
@@ -979,64 +985,81 @@ impl Fs {
                     o.remove("parents");
                     o.remove("aoe_version");
                 }
-                json!({"name": v.name, "recipe": r, "bytes_served": v.served.load(Ordering::Relaxed)})
+                VariantReport {
+                    name: v.name.clone(),
+                    recipe: r,
+                    bytes_served: v.served.load(Ordering::Relaxed),
+                }
             })
             .collect();
-        let pf = self.prefetcher.get().map(|p| {
-            json!({
-                "jobs": p.counters.jobs.load(Ordering::Relaxed),
-                "dropped": p.counters.dropped.load(Ordering::Relaxed),
-                "bytes_computed": p.counters.computed.load(Ordering::Relaxed),
-                "errors": p.counters.errors.load(Ordering::Relaxed),
-            })
+        let prefetch = self.prefetcher.get().map(|p| PrefetchReport {
+            jobs: p.counters.jobs.load(Ordering::Relaxed),
+            dropped: p.counters.dropped.load(Ordering::Relaxed),
+            bytes_computed: p.counters.computed.load(Ordering::Relaxed),
+            errors: p.counters.errors.load(Ordering::Relaxed),
         });
-        json!({
-            "aoe_version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "mountpoint": self.opts.mountpoint.to_string_lossy(),
-            "log": self.opts.log_file.as_ref().map(|p| p.to_string_lossy().to_string()),
-            "uptime_s": self.started.elapsed().as_secs_f64(),
-            "layout": if self.is_variants() { "variants" } else { "single" },
-            "base": models.first().map(|m| m.dir.to_string_lossy().to_string()),
-            "parents": models.iter().skip(1).map(|m| m.dir.to_string_lossy().to_string()).collect::<Vec<_>>(),
-            "variants": variants,
-            "max_variants": self.opts.max_variants,
-            "variants_forgotten": self.table().forgotten,
-            "bytes_served": self.counters.bytes_served.load(Ordering::Relaxed),
-            "reads": self.counters.reads.load(Ordering::Relaxed),
-            "opens": self.counters.opens.load(Ordering::Relaxed),
-            "read_errors": self.counters.read_errors.load(Ordering::Relaxed),
-            "names_refused": self.counters.refused.load(Ordering::Relaxed),
-            "bytes_computed": computed,
-            "compute_seconds": ns as f64 / 1e9,
-            "compute_gbps": if ns > 0 { computed as f64 / ns as f64 } else { 0.0 },
-            "cache_hits": c.hits.load(Ordering::Relaxed),
-            "cache_misses": c.misses.load(Ordering::Relaxed),
-            "compute_errors": c.errors.load(Ordering::Relaxed),
-            "cache_held": self.engine.cache.held(),
-            "cache_budget": self.engine.cache.budget(),
-            "chunk_bytes": self.engine.chunk_bytes,
-            "prefetch": pf,
-        })
+        StatusReport {
+            aoe_version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            mountpoint: self.opts.mountpoint.to_string_lossy().into(),
+            log: self
+                .opts
+                .log_file
+                .as_ref()
+                .map(|p| p.to_string_lossy().into()),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            layout: if self.is_variants() {
+                "variants"
+            } else {
+                "single"
+            }
+            .into(),
+            base: models.first().map(|m| m.dir.to_string_lossy().into()),
+            parents: models
+                .iter()
+                .skip(1)
+                .map(|m| m.dir.to_string_lossy().into())
+                .collect(),
+            variants,
+            max_variants: self.opts.max_variants,
+            variants_forgotten: self.table().forgotten,
+            variants_omitted: None,
+            bytes_served: self.counters.bytes_served.load(Ordering::Relaxed),
+            reads: self.counters.reads.load(Ordering::Relaxed),
+            opens: self.counters.opens.load(Ordering::Relaxed),
+            read_errors: self.counters.read_errors.load(Ordering::Relaxed),
+            names_refused: self.counters.refused.load(Ordering::Relaxed),
+            bytes_computed: computed,
+            compute_seconds: ns as f64 / 1e9,
+            compute_gbps: if ns > 0 {
+                computed as f64 / ns as f64
+            } else {
+                0.0
+            },
+            cache_hits: c.hits.load(Ordering::Relaxed),
+            cache_misses: c.misses.load(Ordering::Relaxed),
+            compute_errors: c.errors.load(Ordering::Relaxed),
+            cache_held: self.engine.cache.held(),
+            cache_budget: self.engine.cache.budget(),
+            chunk_bytes: self.engine.chunk_bytes,
+            prefetch,
+        }
     }
 
     /// The status report's bytes, within the size of an extended attribute (variants beyond
     /// what fits are left out and counted).
     pub fn status_bytes(&self) -> Vec<u8> {
-        let mut v = self.status_json();
-        let mut bytes = serde_json::to_vec(&v).unwrap_or_default();
+        let mut r = self.status();
+        let mut bytes = serde_json::to_vec(&r).unwrap_or_default();
         if bytes.len() > STATUS_MAX {
-            if let Some(list) = v.get_mut("variants").and_then(Value::as_array_mut) {
-                let total = list.len();
-                while serde_json::to_vec(list).map_or(0, |b| b.len()) > STATUS_MAX - 4096
-                    && !list.is_empty()
-                {
-                    list.pop();
-                }
-                let kept = list.len();
-                v["variants_omitted"] = json!(total - kept);
+            let total = r.variants.len();
+            while serde_json::to_vec(&r.variants).map_or(0, |b| b.len()) > STATUS_MAX - 4096
+                && !r.variants.is_empty()
+            {
+                r.variants.pop();
             }
-            bytes = serde_json::to_vec(&v).unwrap_or_default();
+            r.variants_omitted = Some((total - r.variants.len()) as u64);
+            bytes = serde_json::to_vec(&r).unwrap_or_default();
         }
         bytes
     }

@@ -1,10 +1,97 @@
-//! The client side of `aoe status MOUNTPOINT`: reads the [`STATUS_XATTR`] extended attribute
-//! of the mount root and prints it.
+//! The status report of a mount: one serde type, [`StatusReport`], that the daemon serializes
+//! into the [`STATUS_XATTR`] extended attribute of the mount root and `aoe status MOUNTPOINT`
+//! reads back (a renamed or missing field is an error, never a silent 0).
 
 use std::ffi::CString;
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// Everything `aoe status` reports. Fields are in alphabetical order, the order the JSON had
+/// when it was built as a map, so the report's bytes stay as they were.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The tool's version.
+    pub aoe_version: String,
+    /// The base checkpoint.
+    pub base: Option<String>,
+    /// Bytes computed by chunk computations.
+    pub bytes_computed: u64,
+    /// Bytes served to readers.
+    pub bytes_served: u64,
+    /// Bytes held by computed chunks.
+    pub cache_budget: usize,
+    /// Bytes the chunk cache holds.
+    pub cache_held: usize,
+    /// Chunk lookups served from the cache.
+    pub cache_hits: u64,
+    /// Chunk lookups that computed.
+    pub cache_misses: u64,
+    /// Target chunk size in output bytes.
+    pub chunk_bytes: usize,
+    /// Chunk computations that failed.
+    pub compute_errors: u64,
+    /// Computed bytes per nanosecond of computation (GB/s).
+    pub compute_gbps: f64,
+    /// Seconds spent computing chunks.
+    pub compute_seconds: f64,
+    /// `single` (one recipe) or `variants`.
+    pub layout: String,
+    /// The daemon's log file.
+    pub log: Option<String>,
+    /// Bound on live variants made by lookup.
+    pub max_variants: usize,
+    /// Where it is mounted.
+    pub mountpoint: String,
+    /// Variant names refused.
+    pub names_refused: u64,
+    /// Files opened.
+    pub opens: u64,
+    /// The parents, base excluded.
+    pub parents: Vec<String>,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Sequential-read prefetch, when it runs.
+    pub prefetch: Option<PrefetchReport>,
+    /// Reads answered with EIO.
+    pub read_errors: u64,
+    /// Reads answered.
+    pub reads: u64,
+    /// Seconds since the mount started.
+    pub uptime_s: f64,
+    /// The live variants (in the single layout, one with the empty name).
+    pub variants: Vec<VariantReport>,
+    /// Variants forgotten to stay within `max_variants`.
+    pub variants_forgotten: u64,
+    /// Variants left out of the report to fit an extended attribute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variants_omitted: Option<u64>,
+}
+
+/// One variant in the status report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VariantReport {
+    /// Bytes served from it.
+    pub bytes_served: u64,
+    /// Its directory name.
+    pub name: String,
+    /// Its recipe, without base, parents and version.
+    pub recipe: Value,
+}
+
+/// Prefetch counters in the status report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrefetchReport {
+    /// Bytes of chunks prefetch computed.
+    pub bytes_computed: u64,
+    /// Jobs dropped because the queue was full.
+    pub dropped: u64,
+    /// Jobs that met an error.
+    pub errors: u64,
+    /// Jobs accepted.
+    pub jobs: u64,
+}
 
 use crate::error::Result;
 use crate::mount::fs::STATUS_XATTR;
@@ -98,100 +185,77 @@ fn describe_recipe(r: &Value) -> String {
 /// speed and errors of the mount at `mountpoint`, as text.
 pub fn status_text(mountpoint: &Path) -> Result<String> {
     let v = status_json(mountpoint)?;
-    let u = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let f = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let r: StatusReport = serde_json::from_value(v).map_err(|e| {
+        mnt_error(
+            mountpoint,
+            format!("status report of another aoe version or malformed: {e}"),
+        )
+    })?;
     let mut out = String::new();
-    let up = f("uptime_s");
+    let up = r.uptime_s;
     out += &format!(
         "aoe mount at {} (pid {}, up {}h{:02}m{:02}s, aoe {})\n",
-        s("mountpoint"),
-        u("pid"),
+        r.mountpoint,
+        r.pid,
         (up / 3600.0) as u64,
         ((up / 60.0) as u64) % 60,
         (up as u64) % 60,
-        s("aoe_version")
+        r.aoe_version
     );
-    out += &format!("base:      {}\n", s("base"));
-    let parents: Vec<String> = v
-        .get("parents")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    out += &format!("parents:   {}\n", parents.join(", "));
-    let variants = v
-        .get("variants")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    if s("layout") == "single" {
-        if let Some(r) = variants.first().and_then(|x| x.get("recipe")) {
-            out += &format!("recipe:    {}\n", describe_recipe(r));
+    out += &format!("base:      {}\n", r.base.as_deref().unwrap_or(""));
+    out += &format!("parents:   {}\n", r.parents.join(", "));
+    let omitted = r.variants_omitted.unwrap_or(0);
+    if r.layout == "single" {
+        if let Some(v) = r.variants.first() {
+            out += &format!("recipe:    {}\n", describe_recipe(&v.recipe));
         }
     } else {
-        out += &format!(
-            "variants:  {}\n",
-            variants.len() as u64 + u("variants_omitted")
-        );
-        let width = variants
-            .iter()
-            .filter_map(|x| x.get("name").and_then(Value::as_str))
-            .map(str::len)
-            .max()
-            .unwrap_or(0);
-        for x in &variants {
-            let name = x.get("name").and_then(Value::as_str).unwrap_or("?");
-            let r = x.get("recipe").map(describe_recipe).unwrap_or_default();
-            let served = x.get("bytes_served").and_then(Value::as_u64).unwrap_or(0);
-            out += &format!("  {name:<width$}  {r}; served {}\n", gb(served));
+        out += &format!("variants:  {}\n", r.variants.len() as u64 + omitted);
+        let width = r.variants.iter().map(|x| x.name.len()).max().unwrap_or(0);
+        for x in &r.variants {
+            let name = &x.name;
+            let desc = describe_recipe(&x.recipe);
+            out += &format!("  {name:<width$}  {desc}; served {}\n", gb(x.bytes_served));
         }
-        if u("variants_omitted") > 0 {
-            out += &format!("  … {} more\n", u("variants_omitted"));
+        if omitted > 0 {
+            out += &format!("  … {omitted} more\n");
         }
     }
     out += &format!(
         "served:    {} in {} reads ({} opens)\n",
-        gb(u("bytes_served")),
-        u("reads"),
-        u("opens")
+        gb(r.bytes_served),
+        r.reads,
+        r.opens
     );
     out += &format!(
         "computed:  {} in {:.2} s of computation ({:.2} GB/s)\n",
-        gb(u("bytes_computed")),
-        f("compute_seconds"),
-        f("compute_gbps")
+        gb(r.bytes_computed),
+        r.compute_seconds,
+        r.compute_gbps
     );
-    let (h, m) = (u("cache_hits"), u("cache_misses"));
+    let (h, m) = (r.cache_hits, r.cache_misses);
     out +=
         &format!(
         "cache:     {h} hits, {m} misses ({:.1} % hits), holding {} of {} in chunks of {} KiB\n",
         if h + m > 0 { 100.0 * h as f64 / (h + m) as f64 } else { 0.0 },
-        gb(u("cache_held")),
-        gb(u("cache_budget")),
-        u("chunk_bytes") >> 10
+        gb(r.cache_held as u64),
+        gb(r.cache_budget as u64),
+        r.chunk_bytes >> 10
     );
-    if let Some(p) = v.get("prefetch").filter(|p| !p.is_null()) {
-        let pu = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+    if let Some(p) = &r.prefetch {
         out += &format!(
             "prefetch:  {} jobs, {} computed, {} dropped\n",
-            pu("jobs"),
-            gb(pu("bytes_computed")),
-            pu("dropped")
+            p.jobs,
+            gb(p.bytes_computed),
+            p.dropped
         );
     }
     out += &format!(
         "errors:    {} read errors (EIO), {} computation errors, {} variant names refused\n",
-        u("read_errors"),
-        u("compute_errors"),
-        u("names_refused")
+        r.read_errors, r.compute_errors, r.names_refused
     );
-    if !s("log").is_empty() {
-        out += &format!("log:       {}\n", s("log"));
+    if let Some(log) = r.log.as_deref().filter(|l| !l.is_empty()) {
+        out += &format!("log:       {log}\n");
     }
     Ok(out)
 }
@@ -207,5 +271,51 @@ mod tests {
             describe_recipe(&r),
             "weights [0.5, 0.5], delta 1.5, subset experts+router, metric stored"
         );
+    }
+
+    #[test]
+    fn the_report_round_trips_and_a_renamed_field_is_an_error() {
+        let r = StatusReport {
+            aoe_version: "0".into(),
+            base: Some("/b".into()),
+            bytes_computed: 1,
+            bytes_served: 2,
+            cache_budget: 3,
+            cache_held: 4,
+            cache_hits: 5,
+            cache_misses: 6,
+            chunk_bytes: 7,
+            compute_errors: 8,
+            compute_gbps: 9.5,
+            compute_seconds: 10.5,
+            layout: "single".into(),
+            log: None,
+            max_variants: 11,
+            mountpoint: "/m".into(),
+            names_refused: 12,
+            opens: 13,
+            parents: vec!["/p".into()],
+            pid: 14,
+            prefetch: None,
+            read_errors: 15,
+            reads: 16,
+            uptime_s: 17.0,
+            variants: vec![],
+            variants_forgotten: 18,
+            variants_omitted: None,
+        };
+        let mut v = serde_json::to_value(&r).unwrap();
+        let back: StatusReport = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), v);
+        // The struct serializes with its keys sorted, as the report (once a map) always had them.
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            serde_json::to_string(&v).unwrap()
+        );
+        let o = v.as_object_mut().unwrap();
+        let x = o.remove("bytes_served").unwrap();
+        o.insert("served_bytes".into(), x);
+        let e = serde_json::from_value::<StatusReport>(v).unwrap_err();
+        assert!(e.to_string().contains("bytes_served"), "{e}");
     }
 }
