@@ -9,7 +9,7 @@
 //! sibling is a complete HF-style directory: shards named `model-0000k-of-0000n.safetensors`,
 //! `model.safetensors.index.json`, `config.json`, `generation_config.json`, `tokenizer.json`
 //! and `tokenizer_config.json`. Tensor names, dtypes and shape formulas are DeepSeek-V3's
-//! (DESIGN §3); only the dimensions are small.
+//! (the real DeepSeek-V3 layout); only the dimensions are small.
 //!
 //! # Values
 //!
@@ -24,7 +24,7 @@
 //!
 //! # Noise layout
 //!
-//! The relative noise `r_{t,k}` is chosen so that the *stored* statistic of DESIGN §2 between
+//! The relative noise `r_{t,k}` is chosen so that the *stored* statistic (docs/semantics.md) between
 //! the base (m1) and sibling k, `‖codes1 − codesk‖_F/√numel` on FP8 codes without scales, lands
 //! near a designed target ([`FamilySpec::target_stat`]; a built-in calibration curve turns the
 //! target into `r`). With `p` = layer/layers (the MTP layer counts as 1) and `q` the position

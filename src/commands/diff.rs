@@ -1,4 +1,4 @@
-//! `aoe diff`: the normalized difference of every weight to the base (DESIGN §2), on both
+//! `aoe diff`: the normalized difference of every weight to the base (docs/semantics.md, "Recipe"), on both
 //! metrics, with a per-group summary, as a table, CSV or JSON, and an SVG plot (a layer × group
 //! heatmap like the paper's fig. 2 and a histogram per group like its fig. 3).
 //!
@@ -25,7 +25,7 @@ use crate::recipe::{Group, Metric};
 pub struct DiffRow {
     /// The weight's name.
     pub name: String,
-    /// Its group (DESIGN §2).
+    /// Its group (docs/semantics.md, "Groups").
     pub group: Group,
     /// Its decoder layer, if any.
     pub layer: Option<u32>,
@@ -222,7 +222,7 @@ pub fn compute(
     Ok(rows)
 }
 
-/// Per group (in DESIGN §2 order, groups without rows left out) and metric (stored, then
+/// Per group (in group-table order, groups without rows left out) and metric (stored, then
 /// dequantized): count, NaN count, and min, median and max of the non-NaN values.
 pub fn summarize(rows: &[DiffRow]) -> Vec<GroupSummary> {
     let mut by_group: BTreeMap<Group, Vec<&DiffRow>> = BTreeMap::new();
@@ -1108,7 +1108,7 @@ mod tests {
                 .unwrap()
                 .clone()
         };
-        // Groups in DESIGN order, stored before dequantized.
+        // Groups in table order, stored before dequantized.
         let order: Vec<(Group, Metric)> = s.iter().map(|x| (x.group, x.metric)).collect();
         assert_eq!(
             order,

@@ -21,7 +21,7 @@ pub struct Unit {
     pub weight: String,
     /// The base's companion, if any: `X_scale_inv` of `X`, or `X_scales` of `X_blocks`.
     pub scale: Option<String>,
-    /// Its group (DESIGN §2).
+    /// Its group (docs/semantics.md, "Groups").
     pub group: Group,
     /// Its decoder layer, if any.
     pub layer: Option<u32>,

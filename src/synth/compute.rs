@@ -15,7 +15,7 @@ thread_local! {
 }
 
 impl Child {
-    /// Computes chunk `c` of unit `u` with weights `w` (DESIGN §4).
+    /// Computes chunk `c` of unit `u` with weights `w` (docs/semantics.md, "Arithmetic").
     pub fn compute_chunk(&self, u: usize, c: usize, w: &[f32]) -> Result<Chunk> {
         let models = &self.engine.models;
         let unit = self.plan.units().get(u).ok_or_else(|| Error::Internal {

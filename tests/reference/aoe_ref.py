@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Independent reference implementation of the Assembly-of-Experts child synthesis.
 
-Written from /work/shared/DESIGN.md sections 2-4 only (not from the Rust sources), so that
+Written from the design text now in docs/semantics.md only (not from the Rust sources), so that
 the Rust tool can be checked byte for byte against it.  numpy + ml_dtypes + safetensors.
 
 CLI
@@ -11,7 +11,7 @@ CLI
                                            read with safetensors.safe_open(framework="np")
                                            (--raw: parse the headers ourselves instead)
 
-Semantics (DESIGN §4, with the family rules: the group table below and MXFP4):
+Semantics (docs/semantics.md, with the family rules: the group table below and MXFP4):
   unit = base weight W + its companion W_scale_inv when the base has one, or X_blocks + X_scales
   (MXFP4, weight name X_blocks); group, subset, delta and rules are decided on the weight's name.
   A parent may store an MXFP4 unit of the base as X (BF16/F16/F32, FP8 + X_scale_inv) of the
@@ -71,7 +71,7 @@ SCALE_SUFFIX = "_scale_inv"
 BLOCK = 128
 FP8_MAX = np.float32(448.0)
 
-# The group table (DESIGN §2 as amended for the model families), in order; first match wins
+# The group table (docs/semantics.md, "Groups"), in order; first match wins
 # (re.search on the weight's name; a companion follows its weight).
 GROUPS = [
     ("experts", r"\.(mlp|block_sparse_moe)\.experts\."),
