@@ -314,33 +314,11 @@ fn output_that_is_a_parent_or_not_empty() {
         &[p, "is a parent"],
     );
     let inside = f.m[1].join("child");
-    fails(
-        &[
-            "write",
-            "--base",
-            b,
-            "--parent",
-            p,
-            "--lambda",
-            "0.5",
-            s(&inside),
-        ],
-        &["inside parent"],
-    );
-    fails(
-        &[
-            "write",
-            "--base",
-            b,
-            "--parent",
-            p,
-            "--lambda",
-            "0.5",
-            "--force",
-            s(&f.root),
-        ],
-        &["contains parent"],
-    );
+    write_fails(&f.m[0], &f.m[1], &inside, &["inside parent"]);
+    let forced = [
+        "write", "--base", b, "--parent", p, "--lambda", "0.5", "--force",
+    ];
+    fails(&[&forced[..], &[s(&f.root)]].concat(), &["contains parent"]);
     let after: Vec<Vec<u8>> = files(&f.m[1])
         .iter()
         .map(|x| std::fs::read(f.m[1].join(x)).unwrap())
