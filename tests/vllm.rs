@@ -74,37 +74,9 @@ fn aoe_cmd(bin: &str, scratch: &Path, args: &[&str]) -> Command {
 const AOE: &str = env!("CARGO_BIN_EXE_aoe");
 const AOE_MOUNT: &str = env!("CARGO_BIN_EXE_aoe-mount");
 
-/// Whether `p` is a mount point, from /proc/self/mountinfo (field 5, octal escapes decoded).
+/// Whether `p` is a mount point (the project's mount table reader).
 fn is_mounted(p: &Path) -> bool {
-    let want = match p.canonicalize() {
-        Ok(c) => c,
-        Err(_) => p.to_path_buf(),
-    };
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|m| Path::new(&unescape(m)) == want)
-    })
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    aoe::mount::table::mount_at(&aoe::mount::table::mount_path(p)).is_some()
 }
 
 /// A live `aoe-mount`; `Drop` always unmounts (`aoe-mount --unmount`, then `umount -l`).
